@@ -1,0 +1,41 @@
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include "ops/lora_linear.h"
+
+#ifndef PK_VERSION
+#define PK_VERSION "unknown"
+#endif
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = PK_VERSION;
+  info["torch"] = TORCH_VERSION;
+#ifdef PEFT_KERNELS_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = PK_CUDA_VERSION;
+  info["archs"] = PK_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["archs"] = "";
+#endif
+  info["ops"] = std::vector<std::string>{"lora_linear"};
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "peft_kernels C++/CUDA kernels; use the peft_kernels.ops wrappers";
+  m.def("build_info", &build_info, "How this extension was built");
+  m.def("lora_linear_fwd", &peft_kernels::lora_linear_fwd, py::arg("x"), py::arg("weight"),
+        py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("seed"), py::arg("scaling"),
+        py::arg("dropout_p"), py::arg("activation"));
+  m.def("lora_linear_bwd", &peft_kernels::lora_linear_bwd, py::arg("grad_out"), py::arg("x"),
+        py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("pre"), py::arg("seed"),
+        py::arg("scaling"), py::arg("dropout_p"), py::arg("activation"), py::arg("need_x"),
+        py::arg("need_A"), py::arg("need_B"), py::arg("need_bias"));
+}

@@ -1,0 +1,248 @@
+// Torch-facing entry points of the fused low-rank adapter matmul:
+//   y = x W^T + bias + s * act(drop(x) A^T) B^T
+// Validation happens here, once; the kernels (csrc/cpu, csrc/cuda) see plain params structs.
+#include "ops/lora_linear.h"
+
+#include <cmath>
+
+#include "kernels/lora_linear.h"
+#include "ops/common.h"
+
+namespace peft_kernels {
+namespace {
+
+constexpr const char* kOp = "lora_linear";
+enum Activation : int64_t { kIdentity = 0, kRelu = 1, kGelu = 2, kSilu = 3 };
+
+struct Shapes {
+  int64_t N, in, out, r;
+};
+
+Shapes check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                    const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& seed, double scaling, double dropout_p,
+                    int64_t activation) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, kOp, ": x must have shape [..., in_features], got a 0-D tensor");
+  check_floating_input(kOp, "x", x);
+  check_dim(kOp, "weight", weight, 2, "[out_features, in_features]");
+  check_dim(kOp, "lora_A", lora_A, 2, "[r, in_features]");
+  check_dim(kOp, "lora_B", lora_B, 2, "[out_features, r]");
+  check_like(kOp, "weight", weight, x, "x");
+  check_like(kOp, "lora_A", lora_A, x, "x");
+  check_like(kOp, "lora_B", lora_B, x, "x");
+  const int64_t in = x.size(-1), out = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == in, kOp, ": weight must have shape [out_features, ", in,
+                    "] to match x's last dimension, got ", shape_str(weight));
+  TORCH_CHECK_VALUE(r >= 1, kOp, ": the rank r = lora_A.shape[0] must be >= 1, got lora_A of shape ",
+                    shape_str(lora_A));
+  TORCH_CHECK_VALUE(lora_A.size(1) == in, kOp, ": lora_A must have shape [r, ", in,
+                    "] to match x's last dimension, got ", shape_str(lora_A));
+  TORCH_CHECK_VALUE(lora_B.size(0) == out && lora_B.size(1) == r, kOp, ": lora_B must have shape [",
+                    out, ", ", r, "] (out_features from weight, r from lora_A), got ",
+                    shape_str(lora_B));
+  if (bias.has_value()) {
+    check_like(kOp, "bias", *bias, x, "x");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, kOp, ": bias must have shape [", out,
+                      "], got ", shape_str(*bias));
+  }
+  TORCH_CHECK_VALUE(std::isfinite(scaling), kOp, ": scaling must be finite, got ", scaling);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, kOp,
+                    ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(activation >= kIdentity && activation <= kSilu, kOp,
+                    ": activation code must be 0 (none), 1 (relu), 2 (gelu) or 3 (silu), got ",
+                    activation);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK_VALUE(seed.has_value(), kOp, ": dropout_p > 0 needs a dropout seed tensor");
+    TORCH_CHECK_VALUE(seed->scalar_type() == at::kLong && seed->numel() == 1, kOp,
+                      ": seed must be a one-element int64 tensor, got dtype ",
+                      seed->scalar_type(), " and shape ", shape_str(*seed));
+    TORCH_CHECK_VALUE(seed->device() == x.device(), kOp, ": seed is on ", seed->device(),
+                      " but x is on ", x.device());
+  }
+  const int64_t N = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  return Shapes{N, in, out, r};
+}
+
+DropoutParams dropout_params(const c10::optional<at::Tensor>& seed_contig, double p) {
+  DropoutParams d;
+  if (p > 0.0) {
+    d.seed = seed_contig->data_ptr<int64_t>();
+    d.threshold = dropout_threshold_for(p);
+    d.scale = 1.0 / (1.0 - p);
+  }
+  return d;
+}
+
+// The merged-weight path x (W + s B A)^T replaces two passes over N x out / N x in activations
+// by two out x in weight updates; it applies only without dropout or nonlinearity, and only in
+// float32/float64 where folding s B A into W loses nothing that the unmerged sum keeps.
+bool use_merged_weight(const Shapes& s, at::ScalarType dtype, double p, int64_t act) {
+  if (p > 0.0 || act != kIdentity) return false;
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  return s.N * (s.in + s.out) >= 2 * s.in * s.out;
+}
+
+at::Tensor scaled_activation(const at::Tensor& pre, int64_t act, double scaling) {
+  switch (act) {
+    case kRelu: return at::relu(pre).mul_(scaling);
+    case kGelu: return at::gelu(pre).mul_(scaling);
+    case kSilu: return at::silu(pre).mul_(scaling);
+    default: return pre * scaling;
+  }
+}
+
+// d pre = s * g * act'(pre), through ATen's own activation backward kernels.
+at::Tensor activation_backward(const at::Tensor& g, const at::Tensor& pre, int64_t act,
+                               double scaling) {
+  at::Tensor gs = g * scaling;
+  switch (act) {
+    case kRelu: return at::threshold_backward(gs, pre, 0);
+    case kGelu: return at::gelu_backward(gs, pre);
+    case kSilu: return at::silu_backward(gs, pre);
+    default: return gs;
+  }
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> v(sizes.begin(), sizes.end());
+  v.back() = last;
+  return v;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                   const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B,
+                                                   const c10::optional<at::Tensor>& bias,
+                                                   const c10::optional<at::Tensor>& seed,
+                                                   double scaling, double dropout_p,
+                                                   int64_t activation) {
+  const Shapes s =
+      check_inputs(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, activation);
+  const auto dtype = x.scalar_type();
+  const auto acc = accumulation_type(dtype);
+  const at::Tensor x2 = x.reshape({s.N, s.in}).contiguous();
+  const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
+  const c10::optional<at::Tensor> seed_c =
+      seed.has_value() ? c10::optional<at::Tensor>(seed->contiguous()) : c10::nullopt;
+  at::Tensor pre = at::empty({s.N, s.r}, x.options().dtype(acc));
+
+  LoraShrinkParams sp;
+  sp.x = x2.data_ptr();
+  sp.A = A.data_ptr();
+  sp.pre = pre.data_ptr();
+  sp.N = s.N;
+  sp.in = s.in;
+  sp.r = s.r;
+  sp.dtype = kernel_dtype(dtype);
+  sp.dropout = dropout_params(seed_c, dropout_p);
+  if (x.is_cuda()) {
+    PK_CUDA_LAUNCH(x, lora_shrink_cuda(sp, current_stream(x)));
+  } else {
+    lora_shrink_cpu(sp);
+  }
+
+  at::Tensor y;
+  if (use_merged_weight(s, dtype, dropout_p, activation)) {
+    const at::Tensor merged = at::addmm(weight, B, A, 1.0, scaling);
+    y = bias.has_value() ? at::addmm(*bias, x2, merged.t()) : at::mm(x2, merged.t());
+  } else {
+    // The expand writes the output buffer, then the base GEMM accumulates into it (beta = 1):
+    // no N x out temporary besides y itself.
+    const at::Tensor a = scaled_activation(pre, activation, scaling).to(dtype);
+    y = bias.has_value() ? at::addmm(*bias, a, B.t()) : at::mm(a, B.t());
+    y.addmm_(x2, weight.t());
+  }
+  return {y.view(with_last(x.sizes(), s.out)), pre.view(with_last(x.sizes(), s.r))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& pre,
+    const c10::optional<at::Tensor>& seed, double scaling, double dropout_p, int64_t activation,
+    bool need_x, bool need_A, bool need_B, bool need_bias) {
+  const Shapes s = check_inputs(x, weight, lora_A, lora_B, c10::nullopt, seed, scaling, dropout_p,
+                                activation);
+  const auto dtype = x.scalar_type();
+  const auto acc = accumulation_type(dtype);
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(with_last(x.sizes(), s.out)), kOp,
+                    ": grad_out must have shape ", c10::str(with_last(x.sizes(), s.out)), ", got ",
+                    shape_str(grad_out));
+  check_like(kOp, "grad_out", grad_out, x, "x");
+  TORCH_CHECK_VALUE(pre.numel() == s.N * s.r && pre.scalar_type() == acc, kOp,
+                    ": pre must be the [..., r] accumulation-type tensor saved by the forward");
+
+  const at::Tensor dy = grad_out.reshape({s.N, s.out}).contiguous();
+  const at::Tensor x2 = x.reshape({s.N, s.in}).contiguous();
+  const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
+  const at::Tensor pre2 = pre.reshape({s.N, s.r}).contiguous();
+  const c10::optional<at::Tensor> seed_c =
+      seed.has_value() ? c10::optional<at::Tensor>(seed->contiguous()) : c10::nullopt;
+  const bool on_cuda = x.is_cuda();
+  const bool deterministic = deterministic_mode();
+  // CUDA kernels accumulate the reductions atomically into zeroed buffers.
+  auto reduction_buffer = [&](at::IntArrayRef shape) {
+    return on_cuda ? at::zeros(shape, x.options().dtype(acc)) : at::empty(shape, x.options().dtype(acc));
+  };
+
+  const at::Tensor a = scaled_activation(pre2, activation, scaling);
+  at::Tensor g = at::empty({s.N, s.r}, x.options().dtype(acc));
+  at::Tensor dB = reduction_buffer({s.out, s.r});
+  at::Tensor dbias = need_bias ? reduction_buffer({s.out}) : at::Tensor();
+  LoraDyPassParams dp;
+  dp.dy = dy.data_ptr();
+  dp.B = B.data_ptr();
+  dp.a = a.data_ptr();
+  dp.g = g.data_ptr();
+  dp.dB = dB.data_ptr();
+  dp.dbias = need_bias ? dbias.data_ptr() : nullptr;
+  dp.N = s.N;
+  dp.out = s.out;
+  dp.r = s.r;
+  dp.dtype = kernel_dtype(dtype);
+  dp.deterministic = deterministic;
+  if (on_cuda) {
+    PK_CUDA_LAUNCH(x, lora_dy_pass_cuda(dp, current_stream(x)));
+  } else {
+    lora_dy_pass_cpu(dp);
+  }
+
+  at::Tensor dx, dA;
+  if (need_x || need_A) {
+    const at::Tensor dpre = activation_backward(g, pre2, activation, scaling).contiguous();
+    const bool merged = use_merged_weight(s, dtype, dropout_p, activation);
+    dA = reduction_buffer({s.r, s.in});
+    if (need_x && !merged) dx = at::empty({s.N, s.in}, x.options());
+    LoraXPassParams xp;
+    xp.x = x2.data_ptr();
+    xp.A = A.data_ptr();
+    xp.dpre = dpre.data_ptr();
+    xp.dA = dA.data_ptr();
+    xp.dx = dx.defined() ? dx.data_ptr() : nullptr;
+    xp.N = s.N;
+    xp.in = s.in;
+    xp.r = s.r;
+    xp.dtype = kernel_dtype(dtype);
+    xp.dropout = dropout_params(seed_c, dropout_p);
+    xp.deterministic = deterministic;
+    if (on_cuda) {
+      PK_CUDA_LAUNCH(x, lora_x_pass_cuda(xp, current_stream(x)));
+    } else {
+      lora_x_pass_cpu(xp);
+    }
+    if (need_x) {
+      if (merged) {
+        dx = at::mm(dy, at::addmm(weight, B, A, 1.0, scaling));
+      } else {
+        dx.addmm_(dy, weight);  // the adapter's share is already in dx; the base GEMM adds to it
+      }
+      dx = dx.view(x.sizes());
+    }
+  }
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  return {need_x ? dx : empty(), need_A ? dA.to(dtype) : empty(),
+          need_B ? dB.to(dtype) : empty(), need_bias ? dbias.to(dtype) : empty()};
+}
+
+}  // namespace peft_kernels

@@ -1,0 +1,4 @@
+"""Autograd-aware, torch.compile-safe ops over the compiled kernels."""
+from peft_kernels.ops.lora_linear import draw_dropout_seed, lora_linear
+
+__all__ = ["lora_linear", "draw_dropout_seed"]

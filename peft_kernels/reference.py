@@ -1,0 +1,78 @@
+"""Pure-PyTorch (and numpy) implementations of every op: the test oracle and benchmark baseline.
+
+Nothing here calls the compiled extension. Run them in float64 for an oracle.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------
+# Philox4x32-10 and the dropout mask convention of csrc/kernels/common.h, transcribed independently.
+_PHILOX_M0, _PHILOX_M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+    """Philox4x32-10 on counters ``[..., 4]`` (uint32) with key (k0, k1); returns ``[..., 4]`` uint32."""
+    c = [counter[..., i].astype(np.uint64) for i in range(4)]
+    k0, k1 = key[0] & 0xFFFFFFFF, key[1] & 0xFFFFFFFF
+    for _ in range(10):
+        p0 = _PHILOX_M0 * c[0]
+        p1 = _PHILOX_M1 * c[2]
+        hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & _MASK32
+        c = [hi1 ^ c[1] ^ np.uint64(k0), lo1, hi0 ^ c[3] ^ np.uint64(k1), lo0]
+        k0, k1 = (k0 + _PHILOX_W0) & 0xFFFFFFFF, (k1 + _PHILOX_W1) & 0xFFFFFFFF
+    return np.stack(c, axis=-1).astype(np.uint32)
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float) -> Tensor:
+    """Boolean keep-mask ``[rows, cols]`` that lora_linear's kernels use for seed and p."""
+    threshold = int(p * 16777216.0 + 0.5)
+    n_groups = (cols + 3) // 4
+    row = np.arange(rows, dtype=np.uint64)[:, None].repeat(n_groups, 1)
+    grp = np.arange(n_groups, dtype=np.uint64)[None, :].repeat(rows, 0)
+    counter = np.stack(
+        [grp & _MASK32, row & _MASK32, row >> np.uint64(32), np.zeros_like(row)], axis=-1
+    ).astype(np.uint32)
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    bits = philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32)).reshape(rows, n_groups * 4)
+    keep = (bits[:, :cols] >> 8) >= threshold
+    return torch.from_numpy(keep)
+
+
+# ---------------------------------------------------------------------------------------------
+_ACT = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    *,
+    scaling: float = 1.0,
+    bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    activation: Optional[str] = None,
+    training: bool = True,
+    keep_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """HF-PEFT-style LoRA / parallel adapter: ``F.linear(x, W, b) + act(A(drop(x))) Bᵀ · s``.
+
+    With ``keep_mask`` (bool, x's shape) dropout uses that mask (scaled by 1/(1-p)); without it,
+    ``F.dropout`` draws one, as the pure-PyTorch layers people use today do.
+    """
+    base = F.linear(x, weight, bias)
+    if training and dropout_p > 0:
+        if keep_mask is None:
+            x = F.dropout(x, dropout_p, training=True)
+        else:
+            x = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+    return base + F.linear(_ACT[activation](F.linear(x, lora_A)), lora_B) * scaling
