@@ -30,6 +30,19 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "peft_kernels C++/CUDA kernels; use the peft_kernels.ops wrappers";
+  // Argument errors reach Python as ValueError / TypeError with the message alone (no C++
+  // backtrace); torch's generic translation would make every c10::Error a RuntimeError.
+  py::register_local_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
   m.def("build_info", &build_info, "How this extension was built");
   m.def("lora_linear_fwd", &peft_kernels::lora_linear_fwd, py::arg("x"), py::arg("weight"),
         py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("seed"), py::arg("scaling"),

@@ -30,8 +30,19 @@ def _lora_linear_fwd(
     return C().lora_linear_fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, activation)
 
 
+def _check_one_device(op: str, named: dict) -> None:
+    # The dispatcher picks one backend for mixed-device inputs (a meta tensor sends the call
+    # here, to the fake kernel); refuse like the C++ checks do instead of answering on one device.
+    device = named["x"].device
+    for name, t in named.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}; "
+                             "all tensors must be on one device")
+
+
 @_lora_linear_fwd.register_fake
 def _(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, activation):
+    _check_one_device("lora_linear", dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias))
     lead = x.shape[:-1]
     y = x.new_empty((*lead, weight.shape[0]))
     pre = x.new_empty((*lead, lora_A.shape[0]), dtype=_accumulation_dtype(x.dtype))
