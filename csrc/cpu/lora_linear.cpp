@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/blas.h"
+#include "cpu/philox.h"
 
 namespace peft_kernels {
 namespace {
@@ -26,39 +27,25 @@ int64_t rows_per_block(int64_t width) {
   return std::clamp<int64_t>((512 * 1024) / bytes, 16, 4096);
 }
 
-// keep[i] = scale or 0 for the dropout mask of one row (see csrc/kernels/common.h).
-template <typename T>
-void dropout_row_scales(int64_t seed, int64_t row, int64_t width, uint32_t threshold, T scale,
-                        T* keep) {
-  const int64_t full = width / 4;
-  for (int64_t c = 0; c < full; ++c) {
-    const Philox4 bits = dropout_bits(seed, row, c);
-    for (int lane = 0; lane < 4; ++lane) {
-      keep[4 * c + lane] = dropout_keep(bits.v[lane], threshold) ? scale : T(0);
-    }
-  }
-  if (full * 4 < width) {
-    const Philox4 bits = dropout_bits(seed, row, full);
-    for (int64_t i = full * 4; i < width; ++i) {
-      keep[i] = dropout_keep(bits.v[i - full * 4], threshold) ? scale : T(0);
-    }
-  }
-}
-
 // For rows [n0, n0 + rows): keep = mask scales (if keep != nullptr) and dropped = keep * x.
 template <typename T>
 void dropout_block(const T* x, int64_t n0, int64_t rows, int64_t width, const DropoutParams& d,
                    T* keep, T* dropped) {
   const int64_t seed = *d.seed;
   const T scale = static_cast<T>(d.scale);
+  const uint32_t threshold = d.threshold;
   at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
-    std::vector<T> local(keep ? 0 : width);
+    std::vector<uint32_t> bits((width + 3) / 4 * 4);
     for (int64_t n = b; n < e; ++n) {
-      T* k = keep ? keep + n * width : local.data();
-      dropout_row_scales<T>(seed, n0 + n, width, d.threshold, scale, k);
+      cpu::philox_row_bits(seed, n0 + n, width, bits.data());
       const T* xrow = x + (n0 + n) * width;
       T* out = dropped + n * width;
-      for (int64_t i = 0; i < width; ++i) out[i] = k[i] * xrow[i];
+      T* k = keep ? keep + n * width : nullptr;
+      for (int64_t i = 0; i < width; ++i) {
+        const T s = dropout_keep(bits[i], threshold) ? scale : T(0);
+        out[i] = s * xrow[i];
+        if (k) k[i] = s;
+      }
     }
   });
 }

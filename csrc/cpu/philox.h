@@ -1,0 +1,89 @@
+// Philox bits for whole rows on the CPU. The scalar loop does not vectorise (the 32x32->64
+// multiplies defeat gcc), so x86-64 gets an AVX2 version chosen at run time: 8 counters per
+// instruction stream, same bits as the scalar HOST_DEVICE philox4x32_10 in kernels/common.h.
+#pragma once
+#include <cstdint>
+
+#include "kernels/common.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define PK_HAVE_AVX2_PATH 1
+#endif
+
+namespace peft_kernels::cpu {
+
+// out[4 c + lane] = dropout_bits(seed, row, c).v[lane] for c in [first, groups).
+inline void philox_row_bits_scalar(int64_t seed, int64_t row, int64_t first, int64_t groups,
+                                   uint32_t* out) {
+  for (int64_t c = first; c < groups; ++c) {
+    const Philox4 bits = dropout_bits(seed, row, c);
+    for (int lane = 0; lane < 4; ++lane) out[4 * c + lane] = bits.v[lane];
+  }
+}
+
+#ifdef PK_HAVE_AVX2_PATH
+__attribute__((target("avx2"))) inline void philox_mulhilo8(__m256i a, __m256i m, __m256i& hi,
+                                                            __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);                         // 32-bit lanes 0,2,4,6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);   // 32-bit lanes 1,3,5,7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// Returns the number of groups done (a multiple of 8); the caller finishes the rest.
+__attribute__((target("avx2"))) inline int64_t philox_row_bits_avx2(int64_t seed, int64_t row,
+                                                                     int64_t groups, uint32_t* out) {
+  const uint64_t s = static_cast<uint64_t>(seed), r = static_cast<uint64_t>(row);
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m256i row_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(r)));
+  const __m256i row_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(r >> 32)));
+  const __m256i lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t c = 0;
+  for (; c + 8 <= groups; c += 8) {
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(c))), lane_ids);
+    __m256i c1 = row_lo, c2 = row_hi, c3 = _mm256_setzero_si256();
+    uint32_t k0 = static_cast<uint32_t>(s), k1 = static_cast<uint32_t>(s >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m256i hi0, lo0, hi1, lo1;
+      philox_mulhilo8(c0, m0, hi0, lo0);
+      philox_mulhilo8(c2, m1, hi1, lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1 = lo1;
+      c3 = lo0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    // c_lane[g] is word `lane` of group g; store group-major: out[4 g + lane].
+    const __m256 f0 = _mm256_castsi256_ps(c0), f1 = _mm256_castsi256_ps(c1);
+    const __m256 f2 = _mm256_castsi256_ps(c2), f3 = _mm256_castsi256_ps(c3);
+    const __m256 t0 = _mm256_unpacklo_ps(f0, f1), t1 = _mm256_unpackhi_ps(f0, f1);
+    const __m256 t2 = _mm256_unpacklo_ps(f2, f3), t3 = _mm256_unpackhi_ps(f2, f3);
+    const __m256 g04 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 g15 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 g26 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 g37 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    float* dst = reinterpret_cast<float*>(out + 4 * c);
+    _mm256_storeu_ps(dst + 0, _mm256_permute2f128_ps(g04, g15, 0x20));
+    _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(g26, g37, 0x20));
+    _mm256_storeu_ps(dst + 16, _mm256_permute2f128_ps(g04, g15, 0x31));
+    _mm256_storeu_ps(dst + 24, _mm256_permute2f128_ps(g26, g37, 0x31));
+  }
+  return c;
+}
+#endif
+
+// out must hold 4 * ceil(width / 4) words.
+inline void philox_row_bits(int64_t seed, int64_t row, int64_t width, uint32_t* out) {
+  const int64_t groups = (width + 3) / 4;
+  int64_t done = 0;
+#ifdef PK_HAVE_AVX2_PATH
+  static const bool have_avx2 = __builtin_cpu_supports("avx2");
+  if (have_avx2) done = philox_row_bits_avx2(seed, row, groups, out);
+#endif
+  philox_row_bits_scalar(seed, row, done, groups, out);
+}
+
+}  // namespace peft_kernels::cpu
