@@ -1,6 +1,7 @@
 // CPU kernels of the fused low-rank adapter matmul (see csrc/kernels/lora_linear.h).
-// Rows are processed in blocks small enough to stay in L2: each block of x or dy is read from
-// memory once and feeds every rank-r product of that pass through BLAS on the cached block.
+// Each pass streams its long operand (x or dy) once, in row blocks that stay in cache, through
+// the register-blocked rank-r micro-kernels of cpu/lowrank.h. Threads own contiguous row ranges
+// and private partial sums for the reductions over rows (dA, dB, dbias), added in a fixed order.
 #include "kernels/lora_linear.h"
 
 #include <ATen/Parallel.h>
@@ -9,96 +10,180 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/blas.h"
+#include "cpu/lowrank.h"
+#include "cpu/lowrank_avx2.h"
 #include "cpu/philox.h"
 
 namespace peft_kernels {
 namespace {
 
-using cpu::gemm_rowmajor;
+using cpu::simd_width;
 
-// Rows per block so one block of a [*, width] matrix is about 512 KiB: it stays in cache between
-// the products of a pass. Blocks run in sequence and BLAS threads each product; only elementwise
-// work runs inside at::parallel_for, because BLAS called from inside a parallel region upsets
-// MKL's dynamic threading (measured: 2-10x slower and erratic on later GEMMs).
+// ----------------------------------------------------------------------- micro-kernel dispatch
+#if defined(PK_HAVE_AVX2_PATH)
+bool have_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+template <typename T>
+void project(const T* P, int64_t ldp, int64_t rows, int64_t K, const T* Q, int64_t RP, T* C,
+             const T* S, T* R, T* colsum) {
+#if defined(PK_HAVE_AVX2_PATH)
+  if (have_avx2_fma()) return cpu::avx2::project_block<T>(P, ldp, rows, K, Q, RP, C, S, R, colsum);
+#endif
+  cpu::project_block<T>(P, ldp, rows, K, Q, RP, C, S, R, colsum);
+}
+
+template <typename T>
+void expand(const T* S, int64_t lds, int64_t r, const T* Q2, int64_t K, const T* init,
+            const T* keep, T* D, const T* X, T* R2, int64_t n0, int64_t n1) {
+#if defined(PK_HAVE_AVX2_PATH)
+  if (have_avx2_fma()) return cpu::avx2::expand_rows<T>(S, lds, r, Q2, K, init, keep, D, X, R2, n0, n1);
+#endif
+  cpu::expand_rows<T, 4>(S, lds, r, Q2, K, init, keep, D, X, R2, n0, n1);
+}
+
+template <typename T>
+void reduce(const T* S, int64_t lds, int64_t r, const T* X, int64_t K, int64_t rows, T* R2) {
+#if defined(PK_HAVE_AVX2_PATH)
+  if (have_avx2_fma()) return cpu::avx2::reduce_rows<T>(S, lds, r, X, K, rows, R2);
+#endif
+  cpu::reduce_rows<T>(S, lds, r, X, K, rows, R2);
+}
+
+// ----------------------------------------------------------------------------------- helpers
+// Rows per block so a block of a [*, width] operand (about 256 KiB) stays in L2 across the
+// rank tiles of a pass.
 template <typename T>
 int64_t rows_per_block(int64_t width) {
   const int64_t bytes = std::max<int64_t>(width, 1) * static_cast<int64_t>(sizeof(T));
-  return std::clamp<int64_t>((512 * 1024) / bytes, 16, 4096);
+  return std::clamp<int64_t>((256 * 1024) / bytes, 4, 1024);
 }
 
-// For rows [n0, n0 + rows): keep = mask scales (if keep != nullptr) and dropped = keep * x.
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Contiguous row ranges, one per worker, each with its own partial-sum slot.
+struct RowChunks {
+  int64_t count, N;
+  int64_t begin(int64_t c) const { return N * c / count; }
+  int64_t end(int64_t c) const { return N * (c + 1) / count; }
+};
+
+RowChunks row_chunks(int64_t N) {
+  return RowChunks{std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 16)), N};
+}
+
+// out[c * size + i] summed over c into dst (fixed order: the result does not depend on timing).
 template <typename T>
-void dropout_block(const T* x, int64_t n0, int64_t rows, int64_t width, const DropoutParams& d,
-                   T* keep, T* dropped) {
-  const int64_t seed = *d.seed;
-  const T scale = static_cast<T>(d.scale);
-  const uint32_t threshold = d.threshold;
-  at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
-    std::vector<uint32_t> bits((width + 3) / 4 * 4);
-    for (int64_t n = b; n < e; ++n) {
-      cpu::philox_row_bits(seed, n0 + n, width, bits.data());
-      const T* xrow = x + (n0 + n) * width;
-      T* out = dropped + n * width;
-      T* k = keep ? keep + n * width : nullptr;
-      for (int64_t i = 0; i < width; ++i) {
-        const T s = dropout_keep(bits[i], threshold) ? scale : T(0);
-        out[i] = s * xrow[i];
-        if (k) k[i] = s;
+void sum_chunks(const std::vector<T>& partial, int64_t chunks, int64_t rows, int64_t cols,
+                int64_t ld, T* dst) {
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      for (int64_t j = 0; j < cols; ++j) {
+        T acc = 0;
+        for (int64_t c = 0; c < chunks; ++c) acc += partial[(c * rows + i) * ld + j];
+        dst[i * cols + j] = acc;
       }
     }
   });
 }
 
+// [rows, cols] -> [rows, ld] with zero padding columns (or [cols, rows] transposed when asked).
+template <typename T>
+std::vector<T> padded(const T* src, int64_t rows, int64_t cols, int64_t ld, bool transpose) {
+  std::vector<T> out((transpose ? cols : rows) * ld, T(0));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      if (transpose) out[j * ld + i] = src[i * cols + j];
+      else out[i * ld + j] = src[i * cols + j];
+    }
+  return out;
+}
+
+// Dropout for rows [n0, n0 + rows): dropped = keep * x, and the keep scales if asked.
+template <typename T>
+void dropout_rows(const T* x, int64_t n0, int64_t rows, int64_t width, const DropoutParams& d,
+                  T* keep, T* dropped, std::vector<uint32_t>& bits) {
+  const int64_t seed = *d.seed;
+  const T scale = static_cast<T>(d.scale);
+  bits.resize((width + 3) / 4 * 4);
+  for (int64_t n = 0; n < rows; ++n) {
+    cpu::philox_row_bits(seed, n0 + n, width, bits.data());
+    cpu::apply_row_mask<T>(bits.data(), d.threshold, scale, x + (n0 + n) * width,
+                           dropped + n * width, keep ? keep + n * width : nullptr, width);
+  }
+}
+
+// ------------------------------------------------------------------------------------ passes
 template <typename T>
 void shrink_impl(const LoraShrinkParams& p) {
   const T* x = static_cast<const T*>(p.x);
-  const T* A = static_cast<const T*>(p.A);
   T* pre = static_cast<T*>(p.pre);
-  if (!p.dropout.enabled()) {
-    gemm_rowmajor<T>(false, true, p.N, p.r, p.in, T(1), x, p.in, A, p.in, T(0), pre, p.r);
-    return;
-  }
+  const int64_t RP = round_up(p.r, simd_width<T>());
+  const std::vector<T> At = padded(static_cast<const T*>(p.A), p.r, p.in, RP, true);  // [in, RP]
+  std::vector<T> pre_padded(RP == p.r ? 0 : p.N * RP);
+  T* C = RP == p.r ? pre : pre_padded.data();
   const int64_t bm = rows_per_block<T>(p.in);
-  std::vector<T> dropped(std::min(bm, p.N) * p.in);
-  for (int64_t n0 = 0; n0 < p.N; n0 += bm) {
-    const int64_t rows = std::min(bm, p.N - n0);
-    dropout_block<T>(x, n0, rows, p.in, p.dropout, nullptr, dropped.data());
-    gemm_rowmajor<T>(false, true, rows, p.r, p.in, T(1), dropped.data(), p.in, A, p.in, T(0),
-                     pre + n0 * p.r, p.r);
+  const RowChunks chunks = row_chunks(p.N);
+  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> dropped(p.dropout.enabled() ? bm * p.in : 0);
+    std::vector<uint32_t> bits;
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t n0 = chunks.begin(c); n0 < chunks.end(c); n0 += bm) {
+        const int64_t rows = std::min(bm, chunks.end(c) - n0);
+        const T* P = x + n0 * p.in;
+        if (p.dropout.enabled()) {
+          dropout_rows<T>(x, n0, rows, p.in, p.dropout, nullptr, dropped.data(), bits);
+          P = dropped.data();
+        }
+        project<T>(P, p.in, rows, p.in, At.data(), RP, C + n0 * RP, nullptr, nullptr, nullptr);
+      }
+    }
+  });
+  if (RP != p.r) {
+    for (int64_t n = 0; n < p.N; ++n) std::copy(C + n * RP, C + n * RP + p.r, pre + n * p.r);
   }
 }
 
 template <typename T>
 void dy_pass_impl(const LoraDyPassParams& p) {
   const T* dy = static_cast<const T*>(p.dy);
-  const T* B = static_cast<const T*>(p.B);
   const T* a = static_cast<const T*>(p.a);
   T* g = static_cast<T*>(p.g);
-  T* dB = static_cast<T*>(p.dB);
-  T* dbias = static_cast<T*>(p.dbias);
+  const int64_t RP = round_up(p.r, simd_width<T>());
+  const bool pad = RP != p.r;
+  const std::vector<T> Bp = padded(static_cast<const T*>(p.B), p.out, p.r, RP, false);
+  std::vector<T> g_padded(pad ? p.N * RP : 0);
+  T* G = pad ? g_padded.data() : g;
+  const RowChunks chunks = row_chunks(p.N);
+  // dB^T [r, out] partials: the row reduction runs along out, dy's contiguous dimension.
+  std::vector<T> dbt_partial(chunks.count * p.r * p.out, T(0));
+  std::vector<T> bias_partial(p.dbias ? chunks.count * p.out : 0, T(0));
   const int64_t bm = rows_per_block<T>(p.out);
-  for (int64_t n0 = 0; n0 < p.N; n0 += bm) {
-    const int64_t rows = std::min(bm, p.N - n0);
-    const T* dy_blk = dy + n0 * p.out;
-    // g_blk = dy_blk B, then dB += dy_blk^T a_blk while dy_blk is still in cache.
-    gemm_rowmajor<T>(false, false, rows, p.r, p.out, T(1), dy_blk, p.out, B, p.r, T(0),
-                     g + n0 * p.r, p.r);
-    gemm_rowmajor<T>(true, false, p.out, p.r, rows, T(1), dy_blk, p.out, a + n0 * p.r, p.r,
-                     n0 == 0 ? T(0) : T(1), dB, p.r);
-    if (dbias) {
-      at::parallel_for(0, p.out, 256, [&](int64_t o0, int64_t o1) {
-        for (int64_t n = 0; n < rows; ++n) {
-          const T* row = dy_blk + n * p.out;
-          for (int64_t o = o0; o < o1; ++o) dbias[o] = (n0 == 0 && n == 0 ? T(0) : dbias[o]) + row[o];
-        }
-      });
+  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* dbt_c = dbt_partial.data() + c * p.r * p.out;
+      T* bias_c = p.dbias ? bias_partial.data() + c * p.out : nullptr;
+      for (int64_t n0 = chunks.begin(c); n0 < chunks.end(c); n0 += bm) {
+        const int64_t rows = std::min(bm, chunks.end(c) - n0);
+        const T* dy_blk = dy + n0 * p.out;
+        // Both products read the same cached block of dy.
+        project<T>(dy_blk, p.out, rows, p.out, Bp.data(), RP, G + n0 * RP, nullptr, nullptr, bias_c);
+        reduce<T>(a + n0 * p.r, p.r, p.r, dy_blk, p.out, rows, dbt_c);
+      }
     }
+  });
+  if (pad) {
+    for (int64_t n = 0; n < p.N; ++n) std::copy(G + n * RP, G + n * RP + p.r, g + n * p.r);
   }
-  if (p.N == 0) {
-    std::fill(dB, dB + p.out * p.r, T(0));
-    if (dbias) std::fill(dbias, dbias + p.out, T(0));
-  }
+  std::vector<T> dbt(p.r * p.out);
+  sum_chunks<T>(dbt_partial, chunks.count, p.r, p.out, p.out, dbt.data());
+  T* dB = static_cast<T*>(p.dB);
+  for (int64_t k = 0; k < p.r; ++k)
+    for (int64_t o = 0; o < p.out; ++o) dB[o * p.r + k] = dbt[k * p.out + o];
+  if (p.dbias) sum_chunks<T>(bias_partial, chunks.count, p.out, 1, 1, static_cast<T*>(p.dbias));
 }
 
 template <typename T>
@@ -106,52 +191,65 @@ void x_pass_impl(const LoraXPassParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const T* A = static_cast<const T*>(p.A);
   const T* dpre = static_cast<const T*>(p.dpre);
-  T* dA = static_cast<T*>(p.dA);
   T* dx = static_cast<T*>(p.dx);
   const bool dropout = p.dropout.enabled();
-  if (!dropout) {
-    // No mask to share between the products: each is one BLAS call over all rows.
-    gemm_rowmajor<T>(true, false, p.r, p.in, p.N, T(1), dpre, p.r, x, p.in, T(0), dA, p.in);
-    if (dx) gemm_rowmajor<T>(false, false, p.N, p.in, p.r, T(1), dpre, p.r, A, p.in, T(0), dx, p.in);
-    return;
-  }
+  const RowChunks chunks = row_chunks(p.N);
+  std::vector<T> da_partial(chunks.count * p.r * p.in, T(0));
   const int64_t bm = rows_per_block<T>(p.in);
-  const int64_t cap = std::min(bm, p.N) * p.in;
-  std::vector<T> keep(cap), dropped(cap);
-  for (int64_t n0 = 0; n0 < p.N; n0 += bm) {
-    const int64_t rows = std::min(bm, p.N - n0);
-    dropout_block<T>(x, n0, rows, p.in, p.dropout, keep.data(), dropped.data());
-    gemm_rowmajor<T>(true, false, p.r, p.in, rows, T(1), dpre + n0 * p.r, p.r, dropped.data(),
-                     p.in, n0 == 0 ? T(0) : T(1), dA, p.in);
-    if (dx) {
-      T* dx_blk = dx + n0 * p.in;
-      gemm_rowmajor<T>(false, false, rows, p.in, p.r, T(1), dpre + n0 * p.r, p.r, A, p.in, T(0),
-                       dx_blk, p.in);
-      at::parallel_for(0, rows * p.in, 16384, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) dx_blk[i] *= keep[i];
-      });
+  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> keep(dropout && dx ? bm * p.in : 0), dropped(dropout ? bm * p.in : 0);
+    std::vector<uint32_t> bits;
+    for (int64_t c = c0; c < c1; ++c) {
+      T* da_c = da_partial.data() + c * p.r * p.in;
+      for (int64_t n0 = chunks.begin(c); n0 < chunks.end(c); n0 += bm) {
+        const int64_t rows = std::min(bm, chunks.end(c) - n0);
+        const T* X = x + n0 * p.in;
+        if (dropout) {
+          dropout_rows<T>(x, n0, rows, p.in, p.dropout, dx ? keep.data() : nullptr,
+                          dropped.data(), bits);
+          X = dropped.data();
+        }
+        reduce<T>(dpre + n0 * p.r, p.r, p.r, X, p.in, rows, da_c);
+        if (dx) {
+          expand<T>(dpre + n0 * p.r, p.r, p.r, A, p.in, nullptr, dropout ? keep.data() : nullptr,
+                    dx + n0 * p.in, nullptr, nullptr, 0, rows);
+        }
+      }
     }
-  }
-  if (p.N == 0) std::fill(dA, dA + p.r * p.in, T(0));
+  });
+  sum_chunks<T>(da_partial, chunks.count, p.r, p.in, p.in, static_cast<T*>(p.dA));
+}
+
+template <typename T>
+void expand_impl(const LoraExpandParams& p) {
+  const std::vector<T> Bt = padded(static_cast<const T*>(p.B), p.out, p.r, p.out, true);  // [r, out]
+  const T* a = static_cast<const T*>(p.a);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    expand<T>(a, p.r, p.r, Bt.data(), p.out, bias, nullptr, y, nullptr, nullptr, n0, n1);
+  });
 }
 
 template <template <typename> class Fn, typename Params>
-void dispatch_cpu(const Params& p, const char* name) {
+void dispatch_cpu(const Params& p) {
   switch (p.dtype) {
     case DType::kFloat32: return Fn<float>::run(p);
     case DType::kFloat64: return Fn<double>::run(p);
-    default: TORCH_CHECK(false, name, ": the CPU kernels support float32 and float64");
+    default: TORCH_CHECK(false, "lora_linear: the CPU kernels support float32 and float64");
   }
 }
 
 template <typename T> struct Shrink { static void run(const LoraShrinkParams& p) { shrink_impl<T>(p); } };
 template <typename T> struct DyPass { static void run(const LoraDyPassParams& p) { dy_pass_impl<T>(p); } };
 template <typename T> struct XPass { static void run(const LoraXPassParams& p) { x_pass_impl<T>(p); } };
+template <typename T> struct Expand { static void run(const LoraExpandParams& p) { expand_impl<T>(p); } };
 
 }  // namespace
 
-void lora_shrink_cpu(const LoraShrinkParams& p) { dispatch_cpu<Shrink>(p, "lora_linear"); }
-void lora_dy_pass_cpu(const LoraDyPassParams& p) { dispatch_cpu<DyPass>(p, "lora_linear"); }
-void lora_x_pass_cpu(const LoraXPassParams& p) { dispatch_cpu<XPass>(p, "lora_linear"); }
+void lora_shrink_cpu(const LoraShrinkParams& p) { dispatch_cpu<Shrink>(p); }
+void lora_dy_pass_cpu(const LoraDyPassParams& p) { dispatch_cpu<DyPass>(p); }
+void lora_x_pass_cpu(const LoraXPassParams& p) { dispatch_cpu<XPass>(p); }
+void lora_expand_cpu(const LoraExpandParams& p) { dispatch_cpu<Expand>(p); }
 
 }  // namespace peft_kernels

@@ -86,4 +86,36 @@ inline void philox_row_bits(int64_t seed, int64_t row, int64_t width, uint32_t* 
   philox_row_bits_scalar(seed, row, done, groups, out);
 }
 
+// out[i] = keep ? scale * x[i] : 0, and keep_out[i] = keep ? scale : 0 if keep_out != nullptr.
+// bits >> 8 < 2^24, so a signed comparison is exact and vectorises (an unsigned one does not).
+template <typename T>
+inline void apply_row_mask_generic(const uint32_t* bits, uint32_t threshold, T scale, const T* x,
+                                   T* out, T* keep_out, int64_t width) {
+  const int32_t thr = static_cast<int32_t>(threshold);
+  for (int64_t i = 0; i < width; ++i) {
+    const T k = static_cast<int32_t>(bits[i] >> 8) >= thr ? scale : T(0);
+    out[i] = k * x[i];
+    if (keep_out) keep_out[i] = k;
+  }
+}
+
+#ifdef PK_HAVE_AVX2_PATH
+template <typename T>
+__attribute__((target("avx2"))) void apply_row_mask_avx2(const uint32_t* bits, uint32_t threshold,
+                                                         T scale, const T* x, T* out, T* keep_out,
+                                                         int64_t width) {
+  apply_row_mask_generic<T>(bits, threshold, scale, x, out, keep_out, width);
+}
+#endif
+
+template <typename T>
+inline void apply_row_mask(const uint32_t* bits, uint32_t threshold, T scale, const T* x, T* out,
+                           T* keep_out, int64_t width) {
+#ifdef PK_HAVE_AVX2_PATH
+  static const bool have_avx2 = __builtin_cpu_supports("avx2");
+  if (have_avx2) return apply_row_mask_avx2<T>(bits, threshold, scale, x, out, keep_out, width);
+#endif
+  apply_row_mask_generic<T>(bits, threshold, scale, x, out, keep_out, width);
+}
+
 }  // namespace peft_kernels::cpu

@@ -43,10 +43,21 @@ struct LoraXPassParams {
   bool deterministic = false;  // CUDA: no atomics
 };
 
+// y = bias + a B^T with a = s * act(pre) (CPU; CUDA uses cuBLAS for this GEMM).
+struct LoraExpandParams {
+  const void* a = nullptr;     // [N, r], dtype
+  const void* B = nullptr;     // [out, r], dtype, contiguous
+  const void* bias = nullptr;  // [out], dtype, or nullptr
+  void* y = nullptr;           // [N, out], dtype (written)
+  int64_t N = 0, out = 0, r = 0;
+  DType dtype = DType::kFloat32;
+};
+
 // CPU: float32 and float64.
 void lora_shrink_cpu(const LoraShrinkParams& p);
 void lora_dy_pass_cpu(const LoraDyPassParams& p);
 void lora_x_pass_cpu(const LoraXPassParams& p);
+void lora_expand_cpu(const LoraExpandParams& p);
 
 // CUDA: float32, float64, float16, bfloat16 (float32 accumulation for the half types).
 void lora_shrink_cuda(const LoraShrinkParams& p, cudaStream_t stream);

@@ -150,8 +150,23 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
   } else {
     // The expand writes the output buffer, then the base GEMM accumulates into it (beta = 1):
     // no N x out temporary besides y itself.
-    const at::Tensor a = scaled_activation(pre, activation, scaling).to(dtype);
-    y = bias.has_value() ? at::addmm(*bias, a, B.t()) : at::mm(a, B.t());
+    const at::Tensor a = scaled_activation(pre, activation, scaling).to(dtype).contiguous();
+    if (x.is_cuda()) {
+      y = bias.has_value() ? at::addmm(*bias, a, B.t()) : at::mm(a, B.t());
+    } else {
+      y = at::empty({s.N, s.out}, x.options());
+      const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+      LoraExpandParams ep;
+      ep.a = a.data_ptr();
+      ep.B = B.data_ptr();
+      ep.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
+      ep.y = y.data_ptr();
+      ep.N = s.N;
+      ep.out = s.out;
+      ep.r = s.r;
+      ep.dtype = kernel_dtype(dtype);
+      lora_expand_cpu(ep);
+    }
     y.addmm_(x2, weight.t());
   }
   return {y.view(with_last(x.sizes(), s.out)), pre.view(with_last(x.sizes(), s.r))};
