@@ -46,11 +46,12 @@ void expand(const T* S, int64_t lds, int64_t r, const T* Q2, int64_t K, const T*
 }
 
 template <typename T>
-void reduce(const T* S, int64_t lds, int64_t r, const T* X, int64_t K, int64_t rows, T* R2) {
+void reduce(const T* S, int64_t lds, int64_t r, const T* X, int64_t ldx, int64_t K, int64_t rows,
+            T* R2) {
 #if defined(PK_HAVE_AVX2_PATH)
-  if (have_avx2_fma()) return cpu::avx2::reduce_rows<T>(S, lds, r, X, K, rows, R2);
+  if (have_avx2_fma()) return cpu::avx2::reduce_rows<T>(S, lds, r, X, ldx, K, rows, R2);
 #endif
-  cpu::reduce_rows<T>(S, lds, r, X, K, rows, R2);
+  cpu::reduce_rows<T>(S, lds, r, X, ldx, K, rows, R2);
 }
 
 // ----------------------------------------------------------------------------------- helpers
@@ -105,14 +106,14 @@ std::vector<T> padded(const T* src, int64_t rows, int64_t cols, int64_t ld, bool
 // Dropout for rows [n0, n0 + rows): dropped = keep * x, and the keep scales if asked.
 template <typename T>
 void dropout_rows(const T* x, int64_t n0, int64_t rows, int64_t width, const DropoutParams& d,
-                  T* keep, T* dropped, std::vector<uint32_t>& bits) {
+                  T* keep, T* dropped, int64_t ld_dropped, std::vector<uint32_t>& bits) {
   const int64_t seed = *d.seed;
   const T scale = static_cast<T>(d.scale);
   bits.resize((width + 3) / 4 * 4);
   for (int64_t n = 0; n < rows; ++n) {
     cpu::philox_row_bits(seed, n0 + n, width, bits.data());
     cpu::apply_row_mask<T>(bits.data(), d.threshold, scale, x + (n0 + n) * width,
-                           dropped + n * width, keep ? keep + n * width : nullptr, width);
+                           dropped + n * ld_dropped, keep ? keep + n * width : nullptr, width);
   }
 }
 
@@ -135,7 +136,7 @@ void shrink_impl(const LoraShrinkParams& p) {
         const int64_t rows = std::min(bm, chunks.end(c) - n0);
         const T* P = x + n0 * p.in;
         if (p.dropout.enabled()) {
-          dropout_rows<T>(x, n0, rows, p.in, p.dropout, nullptr, dropped.data(), bits);
+          dropout_rows<T>(x, n0, rows, p.in, p.dropout, nullptr, dropped.data(), p.in, bits);
           P = dropped.data();
         }
         project<T>(P, p.in, rows, p.in, At.data(), RP, C + n0 * RP, nullptr, nullptr, nullptr);
@@ -171,7 +172,7 @@ void dy_pass_impl(const LoraDyPassParams& p) {
         const T* dy_blk = dy + n0 * p.out;
         // Both products read the same cached block of dy.
         project<T>(dy_blk, p.out, rows, p.out, Bp.data(), RP, G + n0 * RP, nullptr, nullptr, bias_c);
-        reduce<T>(a + n0 * p.r, p.r, p.r, dy_blk, p.out, rows, dbt_c);
+        reduce<T>(a + n0 * p.r, p.r, p.r, dy_blk, p.out, p.out, rows, dbt_c);
       }
     }
   });
@@ -197,19 +198,23 @@ void x_pass_impl(const LoraXPassParams& p) {
   std::vector<T> da_partial(chunks.count * p.r * p.in, T(0));
   const int64_t bm = rows_per_block<T>(p.in);
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> keep(dropout && dx ? bm * p.in : 0), dropped(dropout ? bm * p.in : 0);
+    // The dropped block gets a leading dimension off multiples of 4 KiB (see cpu::avx2::reduce_rows).
+    const int64_t ld = p.in + (((p.in * static_cast<int64_t>(sizeof(T))) % 4096 == 0) ? 64 / sizeof(T) : 0);
+    std::vector<T> keep(dropout && dx ? bm * p.in : 0), dropped(dropout ? bm * ld : 0);
     std::vector<uint32_t> bits;
     for (int64_t c = c0; c < c1; ++c) {
       T* da_c = da_partial.data() + c * p.r * p.in;
       for (int64_t n0 = chunks.begin(c); n0 < chunks.end(c); n0 += bm) {
         const int64_t rows = std::min(bm, chunks.end(c) - n0);
         const T* X = x + n0 * p.in;
+        int64_t ldx = p.in;
         if (dropout) {
           dropout_rows<T>(x, n0, rows, p.in, p.dropout, dx ? keep.data() : nullptr,
-                          dropped.data(), bits);
+                          dropped.data(), ld, bits);
           X = dropped.data();
+          ldx = ld;
         }
-        reduce<T>(dpre + n0 * p.r, p.r, p.r, X, p.in, rows, da_c);
+        reduce<T>(dpre + n0 * p.r, p.r, p.r, X, ldx, p.in, rows, da_c);
         if (dx) {
           expand<T>(dpre + n0 * p.r, p.r, p.r, A, p.in, nullptr, dropout ? keep.data() : nullptr,
                     dx + n0 * p.in, nullptr, nullptr, 0, rows);
