@@ -23,8 +23,15 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
-        import pybind11
-        import torch.utils
+        try:
+            import pybind11
+            import torch.utils
+        except ImportError as err:
+            raise RuntimeError(
+                f"peft_kernels builds against the torch and pybind11 already installed ({err}). "
+                "Install them first (CPU-only: pip install torch==2.13.0 pybind11), then run "
+                "pip install --no-build-isolation ."
+            ) from err
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / ext.name
