@@ -74,6 +74,10 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
               _fmt(r.get("speedup"), ".2f") + ("x" if "speedup" in r else ""),
               _fmt(r.get("kernel_over_floor"), ".3f"), _fmt(r.get("baseline_over_floor"), ".3f"),
               f"{r['max_rel_error']:.1e}" + ("" if r["status"] == "ok" else " WRONG")] for r in rows]
+    if any(r.get("kernel_peak_mb") is not None for r in rows):
+        head.append("peak MiB base/kernel")
+        for cells, r in zip(table, rows):
+            cells.append(f"{_fmt(r.get('baseline_peak_mb'), '.0f')}/{_fmt(r.get('kernel_peak_mb'), '.0f')}")
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
@@ -84,7 +88,11 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise SystemExit("bench --plot needs matplotlib: pip install matplotlib "
+                         "(or the package's [plot] extra)") from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -122,8 +122,7 @@ class LoRALinear(nn.Module):
             )
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged")
-        w = self.base.weight
-        w.copy_((w.to(self.delta_weight().dtype) + self.delta_weight()).to(w.dtype))
+        self._add_to_base(self.delta_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -131,9 +130,12 @@ class LoRALinear(nn.Module):
         """Subtract the update again (exact up to the rounding of the weight's dtype)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: not merged")
-        w = self.base.weight
-        w.copy_((w.to(self.delta_weight().dtype) - self.delta_weight()).to(w.dtype))
+        self._add_to_base(-self.delta_weight())
         self.merged = False
+
+    def _add_to_base(self, delta: Tensor) -> None:
+        w = self.base.weight
+        w.copy_((w.to(delta.dtype) + delta).to(w.dtype))
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
