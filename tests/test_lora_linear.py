@@ -172,6 +172,20 @@ def test_opcheck(device, p):
     torch.library.opcheck(_lora_linear_fwd, (x.detach(), w, a.detach(), bb.detach(), None, seed, 0.5, p, 0))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck_backward_op(device, p):
+    # The backward op has no autograd of its own (double backward is not supported).
+    from peft_kernels.ops.lora_linear import _lora_linear_bwd, _lora_linear_fwd
+
+    x, w, b, a, bb = make_inputs((2, 5), 12, 6, 3, torch.float64, device)
+    seed = torch.tensor([5], device=device) if p else None
+    _, pre = _lora_linear_fwd(x, w, a, bb, b, seed, 0.5, p, 1)
+    dy = torch.randn(2, 5, 6, dtype=torch.float64, device=device)
+    for flags in [(True, True, True, True), (False, True, False, False)]:
+        torch.library.opcheck(_lora_linear_bwd, (dy, x, w, a, bb, pre, seed, 0.5, p, 1, *flags),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 def test_compile_fullgraph_no_graph_breaks():
     x, w, b, a, bb = make_inputs((4, 6), 10, 8, 2, torch.float32, "cpu")
     a.requires_grad_()
