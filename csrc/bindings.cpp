@@ -1,6 +1,7 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include "ops/expm.h"
 #include "ops/lora_linear.h"
 
 #ifndef PK_VERSION
@@ -22,7 +23,7 @@ py::dict build_info() {
   info["cuda_version"] = py::none();
   info["archs"] = "";
 #endif
-  info["ops"] = std::vector<std::string>{"lora_linear"};
+  info["ops"] = std::vector<std::string>{"lora_linear", "expm"};
   return info;
 }
 
@@ -51,4 +52,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("pre"), py::arg("seed"),
         py::arg("scaling"), py::arg("dropout_p"), py::arg("activation"), py::arg("need_x"),
         py::arg("need_A"), py::arg("need_B"), py::arg("need_bias"));
+  m.def("expm_fwd", &peft_kernels::expm_fwd, py::arg("A"));
+  m.def("expm_bwd", &peft_kernels::expm_bwd, py::arg("A"), py::arg("grad"));
 }

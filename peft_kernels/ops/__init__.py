@@ -1,4 +1,5 @@
 """Autograd-aware, torch.compile-safe ops over the compiled kernels."""
+from peft_kernels.ops.expm import expm
 from peft_kernels.ops.lora_linear import draw_dropout_seed, lora_linear
 
-__all__ = ["lora_linear", "draw_dropout_seed"]
+__all__ = ["lora_linear", "draw_dropout_seed", "expm"]

@@ -1,0 +1,123 @@
+// Torch-facing entry points of the batched matrix exponential (csrc/kernels/expm.h).
+#include "ops/expm.h"
+
+#include <vector>
+
+#include "kernels/expm.h"
+#include "ops/common.h"
+
+namespace peft_kernels {
+namespace {
+
+constexpr const char* kOp = "expm";
+
+// From this size on, one matrix's products are big enough for BLAS (threaded inside each product)
+// to beat one-matrix-per-thread loops.
+constexpr int64_t kCpuBlasMinN = 128;
+
+void check_square(const at::Tensor& A) {
+  TORCH_CHECK_VALUE(A.dim() >= 2 && A.size(-1) == A.size(-2), kOp,
+                    ": A must be a batch of square matrices [..., n, n], got shape ", shape_str(A));
+  check_floating_input(kOp, "A", A);
+}
+
+// Products through at::mm (MKL/OpenBLAS) for large n; every matrix still gets its own degree
+// and squarings. Matrices go one after another: BLAS threads inside each product.
+template <typename T>
+struct BlasBackend {
+  int64_t n;
+  at::TensorOptions options;
+
+  int64_t first() const { return 0; }
+  int64_t stride() const { return 1; }
+  void sync() const {}
+  double norm1(const T* X) const { return expm::norm1_serial(X, n); }
+  void gemm(T* Z, const T* X, const T* Y, bool accumulate) const {
+    at::Tensor z = at::from_blob(Z, {n, n}, options);
+    const at::Tensor x = at::from_blob(const_cast<T*>(X), {n, n}, options);
+    const at::Tensor y = at::from_blob(const_cast<T*>(Y), {n, n}, options);
+    if (accumulate) {
+      z.addmm_(x, y);
+    } else {
+      at::mm_out(z, x, y);
+    }
+  }
+};
+
+template <typename T>
+void expm_cpu_blas(const at::Tensor& A, const at::Tensor* grad, at::Tensor& out) {
+  const int64_t batch = A.numel() / (A.size(-1) * A.size(-1)), n = A.size(-1), nn = n * n;
+  const bool frechet = grad != nullptr;
+  BlasBackend<T> be{n, A.options()};
+  std::vector<T> workspace(static_cast<size_t>((frechet ? 2 : 1) * expm::kSlots * nn));
+  T* ws = workspace.data();
+  T* o = out.mutable_data_ptr<T>();
+  for (int64_t b = 0; b < batch; ++b) {
+    at::Tensor slot0 = at::from_blob(ws, {n, n}, A.options());
+    if (!frechet) {
+      slot0.copy_(A.view({batch, n, n})[b]);
+      const int slot = expm::exp_in_workspace<false, T>(be, n, ws);
+      std::copy(ws + slot * nn, ws + (slot + 1) * nn, o + b * nn);
+    } else {
+      slot0.copy_(A.view({batch, n, n})[b].t());
+      std::copy(grad->const_data_ptr<T>() + b * nn, grad->const_data_ptr<T>() + (b + 1) * nn,
+                ws + expm::kSlots * nn);
+      const int slot = expm::exp_in_workspace<true, T>(be, n, ws);
+      std::copy(ws + (expm::kSlots + slot) * nn, ws + (expm::kSlots + slot + 1) * nn, o + b * nn);
+    }
+  }
+}
+
+at::Tensor run(const at::Tensor& A_in, const at::Tensor* grad_in) {
+  const at::Tensor A = A_in.contiguous();
+  at::Tensor grad;
+  if (grad_in != nullptr) grad = grad_in->contiguous();
+  at::Tensor out = at::empty_like(A, at::MemoryFormat::Contiguous);
+  const int64_t n = A.size(-1);
+  if (out.numel() == 0) return out;
+  ExpmParams p;
+  p.dtype = kernel_dtype(A.scalar_type());
+  p.batch = A.numel() / (n * n);
+  p.n = n;
+  p.a = A.const_data_ptr();
+  p.direction = grad_in != nullptr ? grad.const_data_ptr() : nullptr;
+  p.out = out.mutable_data_ptr();
+  if (A.is_cuda()) {
+    at::Tensor workspace;
+    PK_CUDA_LAUNCH(A, {
+      const int64_t bytes = expm_cuda_workspace_bytes(p);
+      if (bytes > 0) {
+        workspace = at::empty({bytes}, A.options().dtype(at::kByte));
+        p.workspace = workspace.mutable_data_ptr();
+      }
+      expm_cuda(p, current_stream(A));
+    });
+  } else if (n >= kCpuBlasMinN) {
+    const at::Tensor* g = grad_in != nullptr ? &grad : nullptr;
+    if (A.scalar_type() == at::kDouble) {
+      expm_cpu_blas<double>(A, g, out);
+    } else {
+      expm_cpu_blas<float>(A, g, out);
+    }
+  } else {
+    expm_cpu(p);
+  }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor expm_fwd(const at::Tensor& A) {
+  check_square(A);
+  return run(A, nullptr);
+}
+
+at::Tensor expm_bwd(const at::Tensor& A, const at::Tensor& grad) {
+  check_square(A);
+  check_like(kOp, "grad", grad, A, "A");
+  TORCH_CHECK_VALUE(grad.sizes() == A.sizes(), kOp, ": grad must have A's shape ", shape_str(A),
+                    ", got ", shape_str(grad));
+  return run(A, &grad);
+}
+
+}  // namespace peft_kernels

@@ -1,0 +1,61 @@
+"""Batched matrix exponential with a per-matrix Taylor degree and a fused Fréchet backward."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from peft_kernels._ext import C
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("peft_kernels::expm_fwd", mutates_args=())
+def _expm_fwd(A: Tensor) -> Tensor:
+    return C().expm_fwd(A)
+
+
+@_expm_fwd.register_fake
+def _(A):
+    return torch.empty_like(A, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("peft_kernels::expm_bwd", mutates_args=())
+def _expm_bwd(A: Tensor, grad: Tensor) -> Tensor:
+    return C().expm_bwd(A, grad)
+
+
+@_expm_bwd.register_fake
+def _(A, grad):
+    if grad.device != A.device:
+        raise ValueError(f"expm: grad is on {grad.device} but A is on {A.device}; "
+                         "all tensors must be on one device")
+    return torch.empty_like(A, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    (A,) = inputs
+    ctx.save_for_backward(A)
+
+
+def _backward(ctx, grad):
+    (A,) = ctx.saved_tensors
+    return _expm_bwd(A, grad.to(A.dtype))
+
+
+_expm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def expm(A: Tensor) -> Tensor:
+    """``exp`` of every square matrix of ``A [..., n, n]``; a drop-in for ``torch.linalg.matrix_exp``.
+
+    Each matrix gets its own Taylor degree (1 … 18) and number of squarings from its own 1-norm,
+    inside the kernel (no host synchronisation). The gradient is the adjoint Fréchet derivative
+    ``L(Aᵀ, G)``, evaluated along the same scheme at about 3× the forward's products.
+    CPU: float32, float64. CUDA: float32, float64, float16 and bfloat16 (computed in float32).
+    A matrix with a NaN or Inf entry gives NaN for that matrix only.
+    """
+    if not isinstance(A, Tensor):
+        raise TypeError(f"expm: A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"expm: A must be a batch of square matrices [..., n, n], got shape {tuple(A.shape)}")
+    return _expm_fwd(A)

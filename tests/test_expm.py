@@ -1,0 +1,225 @@
+"""pk.ops.expm against scipy.linalg.expm / expm_frechet (float64): accuracy over matrix families,
+per-matrix degree selection, gradients, NaN isolation, opcheck, compile and bad inputs."""
+import numpy as np
+import pytest
+import scipy.linalg as sl
+import torch
+
+import peft_kernels as pk
+from tolerances import expm_rtol
+
+SIZES = [1, 2, 3, 8, 17, 32, 64, 100]
+NORMS = [1e-8, 1e-3, 0.1, 1.0, 10.0, 1e3]
+KINDS = ["random", "jordan", "nilpotent", "diagonal", "skew"]
+
+
+def make_matrix(kind: str, n: int, norm1: float, seed: int = 0) -> np.ndarray:
+    """A float64 matrix of the family `kind` with 1-norm `norm1`, well conditioned for exp.
+
+    random/diagonal matrices are shifted so that their rightmost eigenvalue is 0: exp stays
+    finite at any norm, and a shift by c I only scales exp(A) by e^c. The defective family is the
+    real Jordan form of eigenvalues +-i w, each with one Jordan block of size n/2 (unit coupling),
+    in an orthonormal basis: exp is bounded, and no eigenvalue shift has to be computed (that of
+    a defective matrix is ill-conditioned: a 1e3-norm nilpotent part makes exp itself
+    ill-conditioned, ~1e4 relative error for any float64 algorithm, 50-digit mpmath as judge).
+    """
+    rng = np.random.default_rng(seed * 7919 + n * 31 + int(abs(np.log10(norm1)) * 10))
+    if kind == "random":
+        A = rng.standard_normal((n, n))
+    elif kind == "jordan":
+        w = max(norm1 - 1.0, 1.0)
+        J = np.zeros((n, n))
+        for i in range(0, n - 1, 2):
+            J[i, i + 1], J[i + 1, i] = w, -w
+        for i in range(n - 2):
+            J[i, i + 2] = 1.0  # couples the 2 x 2 blocks (the last row of an odd n too)
+        Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        A = Q @ J @ Q.T
+    elif kind == "nilpotent":
+        A = np.triu(rng.standard_normal((n, n)), 1)
+    elif kind == "diagonal":
+        A = np.diag(rng.standard_normal(n))
+    elif kind == "skew":
+        K = rng.standard_normal((n, n))
+        A = K - K.T
+    else:
+        raise ValueError(kind)
+    norm = np.abs(A).sum(0).max()
+    if norm == 0.0:  # n = 1 jordan / nilpotent / skew: the zero matrix
+        return A
+    A = A * (norm1 / norm)
+    if kind in ("random", "diagonal"):
+        A = A - np.linalg.eigvals(A).real.max() * np.eye(n)
+    return A
+
+
+def reference_expm(A: np.ndarray) -> np.ndarray:
+    """exp(A) to float64 accuracy: scipy.linalg.expm, except where scipy's own scaling and
+    squaring is measurably less accurate (against 50-digit mpmath) than an exact formula:
+    - strictly triangular (nilpotent) A: the finite series sum_{k<n} A^k/k! in extended
+      precision (scipy: 6.5e-9 relative at n=17, ||A||_1=1e3; this kernel 3.8e-16);
+    - normal A (skew, diagonal, a rotation): its unitary Schur form (scipy: 1e-11 on a 2 x 2
+      rotation by 1000 rad; the Schur form 1e-13)."""
+    n = A.shape[0]
+    if n > 1 and not np.tril(A).any():
+        N = A.astype(np.longdouble)
+        term, total = np.eye(n, dtype=np.longdouble), np.eye(n, dtype=np.longdouble)
+        for k in range(1, n):
+            term = term @ N / k
+            total = total + term
+        return total.astype(np.float64)
+    if np.abs(A @ A.T - A.T @ A).max() <= 1e-13 * max(np.abs(A).max() ** 2, 1e-300):
+        T, Z = sl.schur(A.astype(complex), output="complex")
+        return ((Z * np.exp(np.diag(T))) @ Z.conj().T).real
+    return sl.expm(A)
+
+
+def rel1(got: np.ndarray, want: np.ndarray) -> float:
+    scale = np.abs(want).sum(-2).max()
+    return float(np.abs(got - want).sum(-2).max() / scale)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_matches_scipy(kind, n, dtype):
+    mats = [make_matrix(kind, n, norm) for norm in NORMS]
+    A = torch.tensor(np.stack(mats), dtype=dtype)  # one batch: every matrix its own degree
+    E = pk.ops.expm(A)
+    assert E.dtype == dtype and E.shape == A.shape
+    for i, (M, norm) in enumerate(zip(mats, NORMS)):
+        want = reference_expm(A[i].double().numpy())  # exp of the matrix the kernel saw
+        err = rel1(E[i].double().numpy(), want)
+        assert err <= expm_rtol(dtype, norm), f"{kind} n={n} norm={norm}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("kind", ["random", "jordan", "nilpotent", "skew"])
+@pytest.mark.parametrize("n", [1, 3, 8, 17, 64, 100])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_matches_expm_frechet(kind, n, dtype):
+    norms = [1e-6, 0.1, 1.0, 10.0, 100.0]
+    A = torch.tensor(np.stack([make_matrix(kind, n, v, seed=1) for v in norms]), dtype=dtype)
+    G = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    A.requires_grad_()
+    pk.ops.expm(A).backward(G.to(dtype))
+    for i, norm in enumerate(norms):
+        want = sl.expm_frechet(A[i].detach().double().numpy().T, G[i].numpy(), compute_expm=False)
+        err = rel1(A.grad[i].double().numpy(), want)
+        assert err <= expm_rtol(dtype, norm), f"n={n} norm={norm}: rel err {err:.2e}"
+
+
+def test_gradient_matches_torch_matrix_exp():
+    A = torch.tensor(make_matrix("random", 12, 3.0), requires_grad=True)
+    G = torch.randn(12, 12, dtype=torch.float64)
+    (g_pk,) = torch.autograd.grad(pk.ops.expm(A), A, G)
+    (g_torch,) = torch.autograd.grad(torch.linalg.matrix_exp(A), A, G)
+    torch.testing.assert_close(g_pk, g_torch, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,norm", [(1, 0.5), (3, 0.05), (5, 1.0), (4, 6.0)])
+def test_gradcheck(n, norm):
+    A = torch.tensor(np.stack([make_matrix("random", n, norm, seed=s) for s in range(2)]),
+                     requires_grad=True)
+    assert torch.autograd.gradcheck(pk.ops.expm, (A,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_skew_gives_orthogonal(dtype):
+    S = torch.tensor(np.stack([make_matrix("skew", 16, v) for v in (0.01, 1.0, 30.0)]), dtype=dtype)
+    R = pk.ops.expm(S)
+    eye = torch.eye(16, dtype=dtype)
+    deviation = (R.mT @ R - eye).abs().max().item()
+    assert deviation <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_batch_shapes_and_layouts():
+    A = torch.tensor(np.stack([make_matrix("random", 5, 2.0, seed=s) for s in range(6)]))
+    want = torch.linalg.matrix_exp(A)
+    torch.testing.assert_close(pk.ops.expm(A.view(2, 3, 5, 5)), want.view(2, 3, 5, 5))
+    torch.testing.assert_close(pk.ops.expm(A[0]), want[0])  # no batch dimension
+    At = A.mT  # non-contiguous
+    torch.testing.assert_close(pk.ops.expm(At), torch.linalg.matrix_exp(At.contiguous()))
+    assert pk.ops.expm(torch.empty(0, 4, 4)).shape == (0, 4, 4)
+    assert pk.ops.expm(torch.empty(3, 0, 0)).shape == (3, 0, 0)
+
+
+def test_non_finite_matrix_gives_nan_for_that_matrix_only():
+    A = torch.tensor(np.stack([make_matrix("random", 6, 1.0, seed=s) for s in range(4)]),
+                     requires_grad=True)
+    with torch.no_grad():
+        A[1, 2, 3] = float("nan")
+        A[2, 0, 0] = float("inf")
+    E = pk.ops.expm(A)
+    assert torch.isnan(E[1]).all() and torch.isnan(E[2]).all()
+    want = torch.linalg.matrix_exp(A.detach()[[0, 3]])
+    torch.testing.assert_close(E.detach()[[0, 3]], want)
+    E.backward(torch.ones_like(E))
+    assert torch.isnan(A.grad[1]).all() and torch.isnan(A.grad[2]).all()
+    assert torch.isfinite(A.grad[[0, 3]]).all()
+
+
+def test_huge_norm_terminates():
+    A = torch.tensor(np.stack([make_matrix("skew", 4, 1e300), make_matrix("skew", 4, 1.0)]))
+    E = pk.ops.expm(A)  # ~1000 squarings of a rotation: finishes, whatever the rounding gives
+    torch.testing.assert_close(E[1], torch.linalg.matrix_exp(A[1]))
+
+
+def test_opcheck():
+    A = torch.tensor(make_matrix("random", 6, 2.0)).expand(2, 6, 6).contiguous().requires_grad_()
+    torch.library.opcheck(torch.ops.peft_kernels.expm_fwd.default, (A,))
+    G = torch.randn(2, 6, 6, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.peft_kernels.expm_bwd.default, (A.detach(), G))
+
+
+def test_compile_fullgraph():
+    K = torch.randn(4, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def f(k):
+        return (pk.ops.expm(k - k.mT) ** 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (g_c,) = torch.autograd.grad(compiled(K), K)
+    (g_e,) = torch.autograd.grad(f(K), K)
+    torch.testing.assert_close(g_c, g_e)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="square"):
+        pk.ops.expm(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="square"):
+        pk.ops.expm(torch.randn(4))
+    with pytest.raises(TypeError, match="A must be"):
+        pk.ops.expm(torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="A must be float32 or float64 on CPU"):
+        pk.ops.expm(torch.ones(2, 2, dtype=torch.float16))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        pk.ops.expm(np.eye(2))
+    A = torch.randn(2, 3, 3)
+    with pytest.raises(ValueError, match="grad must have A's shape"):
+        torch.ops.peft_kernels.expm_bwd(A, torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="grad has dtype"):
+        torch.ops.peft_kernels.expm_bwd(A, torch.randn(2, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.peft_kernels.expm_bwd(A, torch.randn(2, 3, 3, device="meta"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3, 8, 17, 32, 64, 100, 256])
+def test_cuda_matches_scipy(dtype, n):
+    norms = [1e-3, 1.0, 10.0]
+    A64 = torch.tensor(np.stack([make_matrix("random", n, v, seed=2) for v in norms]))
+    A = A64.to("cuda", dtype).requires_grad_()
+    G = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    E = pk.ops.expm(A)
+    E.backward(G.to("cuda", dtype))
+    assert E.dtype == dtype
+    # float16/bfloat16: computed in float32 from the rounded input, rounded once more on output
+    out_rtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+    for i, norm in enumerate(norms):
+        seen = A[i].detach().double().cpu().numpy()
+        want = sl.expm(seen)
+        rtol = out_rtol.get(dtype, expm_rtol(dtype, norm))
+        assert rel1(E[i].detach().double().cpu().numpy(), want) <= rtol
+        gwant = sl.expm_frechet(seen.T, G[i].to(dtype).double().numpy(), compute_expm=False)
+        assert rel1(A.grad[i].double().cpu().numpy(), gwant) <= rtol
