@@ -76,3 +76,36 @@ def lora_linear(
         else:
             x = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
     return base + F.linear(_ACT[activation](F.linear(x, lora_A)), lora_B) * scaling
+
+
+# ---------------------------------------------------------------------------------------------
+def oft_rotation(params: Tensor, block_size: int, rotation_map: str = "expm") -> Tensor:
+    """OFT-style dense rotation ``blockdiag(R_1, …, R_k)`` [in, in] from the per-block strict
+    upper triangles ``params [k, b(b−1)/2]`` (row-major order), with S_i = K_i − K_iᵀ and
+    ``R_i = matrix_exp(S_i)`` or the Cayley map ``(I − S_i)⁻¹ (I + S_i)``."""
+    k, b = params.shape[0], block_size
+    blocks = []
+    for i in range(k):
+        K = params.new_zeros(b, b)
+        pos = 0
+        for r in range(b):
+            for c in range(r + 1, b):
+                K = K.index_put((torch.tensor(r), torch.tensor(c)), params[i, pos])
+                pos += 1
+        S = K - K.T
+        if rotation_map == "expm":
+            blocks.append(torch.linalg.matrix_exp(S))
+        elif rotation_map == "cayley":
+            eye = torch.eye(b, dtype=S.dtype, device=S.device)
+            blocks.append(torch.linalg.solve(eye - S, eye + S))
+        else:
+            raise ValueError(f"rotation_map must be 'expm' or 'cayley', got {rotation_map!r}")
+    return torch.block_diag(*blocks)
+
+
+def oft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], params: Tensor, block_size: int,
+               rotation_map: str = "expm") -> Tensor:
+    """OFT-style layer as pure-PyTorch implementations write it: the dense rotation folded into
+    the weight every call, ``F.linear(x, W R, b)``."""
+    R = oft_rotation(params, block_size, rotation_map)
+    return F.linear(x, weight @ R, bias)
