@@ -1,6 +1,7 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include "ops/block_rotate.h"
 #include "ops/expm.h"
 #include "ops/lora_linear.h"
 
@@ -23,7 +24,7 @@ py::dict build_info() {
   info["cuda_version"] = py::none();
   info["archs"] = "";
 #endif
-  info["ops"] = std::vector<std::string>{"lora_linear", "expm"};
+  info["ops"] = std::vector<std::string>{"lora_linear", "expm", "block_rotate"};
   return info;
 }
 
@@ -54,4 +55,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("need_A"), py::arg("need_B"), py::arg("need_bias"));
   m.def("expm_fwd", &peft_kernels::expm_fwd, py::arg("A"));
   m.def("expm_bwd", &peft_kernels::expm_bwd, py::arg("A"), py::arg("grad"));
+  m.def("block_rotate", &peft_kernels::block_rotate, py::arg("x"), py::arg("rotations"),
+        py::arg("transpose"));
+  m.def("block_outer", &peft_kernels::block_outer, py::arg("a"), py::arg("c"),
+        py::arg("block_size"));
 }

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from peft_kernels.ops.block_rotate import block_rotate, rotated_linear
 from peft_kernels.ops.expm import expm
 
 
@@ -27,12 +28,10 @@ def skew_from_params(params: Tensor, block_size: int) -> Tensor:
 
 def rotate_blocks(x: Tensor, rotations: Tensor, dim: int) -> Tensor:
     """Apply ``x_blk ↦ R_i x_blk`` to consecutive blocks of ``x`` along ``dim`` (``x Rᵀ`` for
-    the last dimension), without forming the dense block-diagonal matrix."""
-    k, b, _ = rotations.shape
-    x = x.movedim(dim, -1)
-    blocks = x.reshape(*x.shape[:-1], k, b)
-    rotated = torch.einsum("...kj,kij->...ki", blocks, rotations)
-    return rotated.reshape(x.shape).movedim(-1, dim)
+    the last dimension) with the block_rotate kernel: no dense block-diagonal matrix."""
+    if dim in (-1, x.dim() - 1):
+        return block_rotate(x, rotations)
+    return block_rotate(x.movedim(dim, -1), rotations).movedim(-1, dim)
 
 
 class _OrthogonalBlocks(nn.Module):
@@ -95,8 +94,10 @@ class _OrthogonalBlocks(nn.Module):
 class OrthogonalLinear(_OrthogonalBlocks):
     """``y = base(x Rᵀ)`` with ``base`` a frozen ``nn.Linear`` and R block-diagonal orthogonal.
 
-    Equivalent to the base layer with weight ``W R``; the rotation acts on the activations block
-    by block, so no in×in matrix is formed and the backward needs no out×in weight gradient.
+    Equivalent to the base layer with weight ``W R``. The rotation is folded into the weight block
+    by block every call (out·in·b flops: no in×in matrix, no rotated copy of the activations), and
+    the backward costs the base layer's dx GEMM plus one pass over dx and x
+    (:func:`~peft_kernels.ops.rotated_linear`), with no out×in weight gradient.
     Build it with :meth:`from_linear`.
     """
 
@@ -122,7 +123,7 @@ class OrthogonalLinear(_OrthogonalBlocks):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
-        return F.linear(rotate_blocks(x, self.rotations(), dim=-1), self.base.weight, self.base.bias)
+        return rotated_linear(x, self.base.weight, self.rotations(), self.base.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.base.in_features}, out_features={self.base.out_features}, "

@@ -1,5 +1,6 @@
 """Autograd-aware, torch.compile-safe ops over the compiled kernels."""
+from peft_kernels.ops.block_rotate import block_rotate, rotated_linear
 from peft_kernels.ops.expm import expm
 from peft_kernels.ops.lora_linear import draw_dropout_seed, lora_linear
 
-__all__ = ["lora_linear", "draw_dropout_seed", "expm"]
+__all__ = ["lora_linear", "draw_dropout_seed", "expm", "block_rotate", "rotated_linear"]
