@@ -4,6 +4,7 @@
 #include "ops/block_rotate.h"
 #include "ops/expm.h"
 #include "ops/lora_linear.h"
+#include "ops/sparse_delta_linear.h"
 
 #ifndef PK_VERSION
 #define PK_VERSION "unknown"
@@ -24,7 +25,7 @@ py::dict build_info() {
   info["cuda_version"] = py::none();
   info["archs"] = "";
 #endif
-  info["ops"] = std::vector<std::string>{"lora_linear", "expm", "block_rotate"};
+  info["ops"] = std::vector<std::string>{"lora_linear", "expm", "block_rotate", "sparse_delta_linear"};
   return info;
 }
 
@@ -59,4 +60,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("transpose"));
   m.def("block_outer", &peft_kernels::block_outer, py::arg("a"), py::arg("c"),
         py::arg("block_size"));
+  m.def("sparse_delta_linear_fwd", &peft_kernels::sparse_delta_linear_fwd, py::arg("x"),
+        py::arg("weight"), py::arg("indices"), py::arg("values"), py::arg("bias"));
+  m.def("sparse_delta_linear_bwd", &peft_kernels::sparse_delta_linear_bwd, py::arg("grad_out"),
+        py::arg("x"), py::arg("weight"), py::arg("indices"), py::arg("values"), py::arg("need_x"),
+        py::arg("need_values"), py::arg("need_bias"));
 }

@@ -109,3 +109,16 @@ def oft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], params: Tensor
     the weight every call, ``F.linear(x, W R, b)``."""
     R = oft_rotation(params, block_size, rotation_map)
     return F.linear(x, weight @ R, bias)
+
+
+def sparse_delta_dense(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """The dense Δ (``out×in``) with ``Δ.view(-1)[indices] = values``, differentiable in values."""
+    return torch.zeros(weight.numel(), dtype=values.dtype, device=values.device).index_put(
+        (indices.long(),), values).view(weight.shape)
+
+
+def sparse_delta_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor,
+                        bias: Optional[Tensor] = None) -> Tensor:
+    """Sparse fine-tuning as SIFT / SpIEL-style pure PyTorch computes it: the dense ``W + Δ`` and
+    ``F.linear``; autograd forms the dense ``out×in`` gradient of Δ and keeps its k entries."""
+    return F.linear(x, weight + sparse_delta_dense(weight, indices, values), bias)

@@ -2,5 +2,7 @@
 from peft_kernels.ops.block_rotate import block_rotate, rotated_linear
 from peft_kernels.ops.expm import expm
 from peft_kernels.ops.lora_linear import draw_dropout_seed, lora_linear
+from peft_kernels.ops.sparse_delta_linear import sparse_delta_linear
 
-__all__ = ["lora_linear", "draw_dropout_seed", "expm", "block_rotate", "rotated_linear"]
+__all__ = ["lora_linear", "draw_dropout_seed", "expm", "block_rotate", "rotated_linear",
+           "sparse_delta_linear"]

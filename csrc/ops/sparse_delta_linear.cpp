@@ -1,0 +1,233 @@
+// Torch-facing entry points of the sparse delta linear (csrc/kernels/sparse_delta_linear.h):
+// argument and index validation, the CSR pattern, the dense GEMMs through ATen, and the choice
+// between the sparse kernels and the dense path (one out x in temporary) by density.
+#include "ops/sparse_delta_linear.h"
+
+#include "kernels/sparse_delta_linear.h"
+#include "ops/common.h"
+
+namespace peft_kernels {
+namespace {
+
+constexpr const char* kOp = "sparse_delta_linear";
+
+// The sparse products (forward's x Delta^T, backward's dy Delta) cost two tile transpositions of
+// the activations (N * (in + out) moves) plus N * nnz / 8 vector FMAs; adding Delta into a
+// temporary copy of W costs ~2 passes over out * in and nothing per token. So, as lora_linear
+// does, the products take W + Delta (one out x in temporary, never saved) when
+// N * (in + out) >= 2 * out * in or the density reaches kDenseMatmulDensity, and the sparse
+// kernels otherwise (small N: no out x in memory at all). Measured on CPU float32 at 1024 x 1024,
+// N = 4096: the sparse product adds 4-7 ms to a 64-70 ms GEMM at 0.1-1%, the temporary ~1 ms.
+constexpr double kDenseMatmulDensity = 0.05;
+// dvalues: the SDDMM beats the dense dy^T x GEMM + gather below ~7% (1024 x 1024, N = 4096:
+// 10x at 0.1%, 6x at 1%, 1.7x at 5%, 0.5x at 10%).
+constexpr double kDenseGradDensity = 0.07;
+
+struct Pattern {
+  at::Tensor row_ptr, rows, cols;  // int64 [out+1], int32 [nnz], int32 [nnz]
+  at::Tensor col_ptr, col_order;   // the column view, built on demand
+  at::Tensor flat;                 // int64 indices
+  SparseDeltaPattern view(bool with_columns) const {
+    SparseDeltaPattern p;
+    p.nnz = flat.numel();
+    p.row_ptr = row_ptr.const_data_ptr<int64_t>();
+    p.rows = rows.const_data_ptr<int32_t>();
+    p.cols = cols.const_data_ptr<int32_t>();
+    if (with_columns) {
+      p.col_ptr = col_ptr.const_data_ptr<int64_t>();
+      p.col_order = col_order.const_data_ptr<int32_t>();
+    }
+    return p;
+  }
+};
+
+struct Shapes {
+  int64_t N, in, out, nnz;
+};
+
+Shapes check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& indices,
+                    const at::Tensor& values, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, kOp, ": x must have shape [..., in_features], got a 0-D tensor");
+  check_floating_input(kOp, "x", x);
+  check_dim(kOp, "weight", weight, 2, "[out_features, in_features]");
+  check_like(kOp, "weight", weight, x, "x");
+  const int64_t in = x.size(-1), out = weight.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == in, kOp, ": weight must have shape [out_features, ", in,
+                    "] to match x's last dimension, got ", shape_str(weight));
+  TORCH_CHECK_VALUE(out < (int64_t{1} << 31) && in < (int64_t{1} << 31), kOp,
+                    ": out_features and in_features must be < 2^31");
+  TORCH_CHECK_VALUE(indices.device() == x.device(), kOp, ": indices is on ", indices.device(),
+                    " but x is on ", x.device(), "; all tensors must be on one device");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, kOp,
+                   ": indices must be int64 or int32, got ", indices.scalar_type());
+  check_dim(kOp, "indices", indices, 1, "[k] (flat row-major positions in weight)");
+  check_like(kOp, "values", values, x, "x");
+  check_dim(kOp, "values", values, 1, "[k]");
+  TORCH_CHECK_VALUE(values.size(0) == indices.size(0), kOp, ": values must have one entry per index (",
+                    indices.size(0), "), got ", shape_str(values));
+  TORCH_CHECK_VALUE(indices.size(0) < (int64_t{1} << 31), kOp, ": at most 2^31 - 1 entries");
+  if (bias.has_value()) {
+    check_like(kOp, "bias", *bias, x, "x");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, kOp, ": bias must have shape [", out,
+                      "], got ", shape_str(*bias));
+  }
+  return {x.numel() / in, in, out, indices.size(0)};
+}
+
+// Validates the indices (one device-to-host copy of two flags) and builds the row view.
+Pattern make_pattern(const at::Tensor& indices, const Shapes& s, bool with_columns) {
+  Pattern p;
+  p.flat = indices.to(at::kLong).contiguous();
+  const auto long_opts = p.flat.options();
+  if (s.nnz > 0) {
+    const at::Tensor flags = at::stack({
+        (p.flat.min() < 0).logical_or(p.flat.max() >= s.out * s.in),
+        s.nnz > 1 ? (p.flat.slice(0, 1).le(p.flat.slice(0, 0, s.nnz - 1))).any()
+                  : at::zeros({}, long_opts.dtype(at::kBool)),
+    }).cpu();
+    const bool* f = flags.const_data_ptr<bool>();
+    TORCH_CHECK_VALUE(!f[0], kOp, ": indices must lie in [0, out_features * in_features) = [0, ",
+                      s.out * s.in, ")");
+    TORCH_CHECK_VALUE(!f[1], kOp, ": indices must be sorted in increasing order without duplicates");
+  }
+  const at::Tensor rows64 = at::div(p.flat, s.in, "floor");
+  p.rows = rows64.to(at::kInt);
+  p.cols = (p.flat - rows64 * s.in).to(at::kInt);
+  // Sorted indices: row r's entries start at the first index >= r * in.
+  p.row_ptr = at::searchsorted(p.flat, at::arange(s.out + 1, long_opts) * s.in);
+  if (with_columns) {
+    // Stable: inside a column the entries stay in row order.
+    const at::Tensor order = std::get<1>(at::sort(p.cols, /*stable=*/true, /*dim=*/0, false));
+    p.col_order = order.to(at::kInt);
+    p.col_ptr = at::searchsorted(p.cols.index_select(0, order).to(at::kLong),
+                                 at::arange(s.in + 1, long_opts));
+  }
+  return p;
+}
+
+double density(const Shapes& s) {
+  return static_cast<double>(s.nnz) / (static_cast<double>(s.out) * static_cast<double>(s.in));
+}
+
+bool dense_products(const Shapes& s) {
+  const double weight_size = static_cast<double>(s.out) * static_cast<double>(s.in);
+  return density(s) >= kDenseMatmulDensity ||
+         static_cast<double>(s.N) * static_cast<double>(s.in + s.out) >= 2.0 * weight_size;
+}
+
+// W + Delta, one out x in temporary (the dense path).
+at::Tensor dense_weight(const at::Tensor& weight, const Pattern& p, const at::Tensor& values) {
+  at::Tensor w = weight.contiguous().clone();
+  at::Tensor flat = w.view({-1});
+  flat.index_put_({p.flat}, flat.index({p.flat}) + values);
+  return w;
+}
+
+// y [N, dests] += src [N, sources] Delta^T (or Delta with transpose), in place.
+void sparse_matmul(const at::Tensor& src, const Pattern& pat, const Shapes& s,
+                   const at::Tensor& values, bool transpose, at::Tensor& y) {
+  SparseDeltaMatmulParams mp;
+  mp.dtype = kernel_dtype(src.scalar_type());
+  mp.pattern = pat.view(transpose);
+  mp.pattern.out = s.out;
+  mp.pattern.in = s.in;
+  mp.N = s.N;
+  mp.values = values.const_data_ptr();
+  mp.x = src.const_data_ptr();
+  mp.y = y.mutable_data_ptr();
+  mp.transpose = transpose;
+  if (src.is_cuda()) {
+    at::Tensor workspace;
+    PK_CUDA_LAUNCH(src, {
+      const int64_t bytes = sparse_delta_matmul_cuda_workspace_bytes(mp);
+      if (bytes > 0) workspace = at::empty({bytes}, src.options().dtype(at::kByte));
+      sparse_delta_matmul_cuda(mp, bytes > 0 ? workspace.mutable_data_ptr() : nullptr,
+                               current_stream(src));
+    });
+  } else {
+    sparse_delta_matmul_cpu(mp);
+  }
+}
+
+}  // namespace
+
+at::Tensor sparse_delta_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& indices, const at::Tensor& values,
+                                   const c10::optional<at::Tensor>& bias) {
+  const Shapes s = check_inputs(x, weight, indices, values, bias);
+  const Pattern pat = make_pattern(indices, s, false);
+  const at::Tensor v = values.contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = s.out;
+  const at::Tensor x2 = x.reshape({s.N, s.in}).contiguous();
+  if (dense_products(s)) {
+    return at::linear(x2, dense_weight(weight, pat, v), bias).view(out_shape);
+  }
+  at::Tensor y = at::linear(x2, weight, bias).contiguous();
+  if (s.nnz > 0 && s.N > 0) sparse_matmul(x2, pat, s, v, false, y);
+  return y.view(out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& indices, const at::Tensor& values, bool need_x, bool need_values,
+    bool need_bias) {
+  const Shapes s = check_inputs(x, weight, indices, values, c10::nullopt);
+  check_like(kOp, "grad_out", grad_out, x, "x");
+  std::vector<int64_t> dy_shape(x.sizes().begin(), x.sizes().end());
+  dy_shape.back() = s.out;
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(dy_shape), kOp,
+                    ": grad_out must have shape ", c10::str(dy_shape), ", got ",
+                    shape_str(grad_out));
+  const at::Tensor dy = grad_out.reshape({s.N, s.out}).contiguous();
+  const at::Tensor x2 = x.reshape({s.N, s.in}).contiguous();
+  const at::Tensor v = values.contiguous();
+  const bool dense_x = dense_products(s);
+  const bool dense_grad = density(s) >= kDenseGradDensity;
+  const Pattern pat = make_pattern(indices, s, need_x && !dense_x && s.nnz > 0);
+  auto empty = [&] { return at::empty({0}, x.options()); };
+
+  at::Tensor dx = empty(), dvalues = empty(), dbias = empty();
+  if (need_x) {
+    if (dense_x) {
+      dx = at::mm(dy, dense_weight(weight, pat, v));
+    } else {
+      dx = at::mm(dy, weight).contiguous();
+      if (s.nnz > 0 && s.N > 0) sparse_matmul(dy, pat, s, v, true, dx);
+    }
+    dx = dx.view(x.sizes());
+  }
+  if (need_values) {
+    if (dense_grad || s.N == 0) {
+      dvalues = at::mm(dy.t(), x2).view({-1}).index({pat.flat});
+    } else {
+      dvalues = at::empty({s.nnz}, x.options());
+      if (s.nnz > 0) {
+        SparseDeltaGradParams gp;
+        gp.dtype = kernel_dtype(x.scalar_type());
+        gp.pattern = pat.view(false);
+        gp.pattern.out = s.out;
+        gp.pattern.in = s.in;
+        gp.N = s.N;
+        gp.dy = dy.const_data_ptr();
+        gp.x = x2.const_data_ptr();
+        gp.dvalues = dvalues.mutable_data_ptr();
+        if (x.is_cuda()) {
+          at::Tensor workspace;
+          PK_CUDA_LAUNCH(x, {
+            const int64_t bytes = sparse_delta_grad_cuda_workspace_bytes(gp);
+            if (bytes > 0) workspace = at::empty({bytes}, x.options().dtype(at::kByte));
+            sparse_delta_grad_cuda(gp, bytes > 0 ? workspace.mutable_data_ptr() : nullptr,
+                                   current_stream(x));
+          });
+        } else {
+          sparse_delta_grad_cpu(gp);
+        }
+      }
+    }
+  }
+  if (need_bias) dbias = dy.sum(0);
+  return {dx, dvalues, dbias};
+}
+
+}  // namespace peft_kernels

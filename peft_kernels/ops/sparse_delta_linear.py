@@ -1,0 +1,93 @@
+"""Sparse fine-tuning: ``y = x (W + Δ)ᵀ + bias`` with Δ held as k (flat index, value) entries.
+
+Backward computes the gradient of the k values only (the masked-gradient kernel, an SDDMM): no
+dense ``out×in`` weight gradient and no dense optimizer state ever exist.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from peft_kernels._ext import C
+
+
+def _check_one_device(named: dict) -> None:
+    # The dispatcher picks one backend for mixed-device inputs; refuse like the C++ checks do.
+    device = named["x"].device
+    for name, t in named.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"sparse_delta_linear: {name} is on {t.device} but x is on {device}; "
+                             "all tensors must be on one device")
+
+
+@torch.library.custom_op("peft_kernels::sparse_delta_linear_fwd", mutates_args=())
+def _sparse_delta_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor,
+                             bias: Optional[Tensor]) -> Tensor:
+    return C().sparse_delta_linear_fwd(x, weight, indices, values, bias)
+
+
+@_sparse_delta_linear_fwd.register_fake
+def _(x, weight, indices, values, bias):
+    _check_one_device(dict(x=x, weight=weight, indices=indices, values=values, bias=bias))
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("peft_kernels::sparse_delta_linear_bwd", mutates_args=())
+def _sparse_delta_linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, indices: Tensor,
+                             values: Tensor, need_x: bool, need_values: bool,
+                             need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return C().sparse_delta_linear_bwd(grad_out, x, weight, indices, values, need_x, need_values,
+                                       need_bias)
+
+
+@_sparse_delta_linear_bwd.register_fake
+def _(grad_out, x, weight, indices, values, need_x, need_values, need_bias):
+    return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+            values.new_empty(values.shape) if need_values else x.new_empty((0,)),
+            x.new_empty((weight.shape[0],)) if need_bias else x.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, indices, values, bias = inputs
+    ctx.save_for_backward(x, weight, indices, values)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, weight, indices, values = ctx.saved_tensors
+    need_x, _, _, need_values, need_bias = ctx.needs_input_grad
+    need_bias = bool(need_bias and ctx.has_bias)
+    if not (need_x or need_values or need_bias):
+        return None, None, None, None, None
+    dx, dvalues, dbias = _sparse_delta_linear_bwd(grad_y, x, weight, indices, values, need_x,
+                                                  need_values, need_bias)
+    return (dx if need_x else None), None, None, (dvalues if need_values else None), (
+        dbias if need_bias else None)
+
+
+_sparse_delta_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sparse_delta_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, *,
+                        bias: Optional[Tensor] = None) -> Tensor:
+    """``x (W + Δ)ᵀ + bias`` with ``Δ.view(-1)[indices] = values`` and zeros elsewhere.
+
+    x ``[..., in]``, weight ``[out, in]`` (frozen: it receives no gradient), indices ``[k]`` int64
+    or int32 flat row-major positions in weight (sorted, unique, in ``[0, out·in)``: checked,
+    a ``ValueError`` otherwise), values ``[k]``, bias ``[out]`` or None.
+
+    Gradients flow to x, values and bias. The values' gradient ``dvalues[t] = Σ_n dy[n, r_t]
+    x[n, c_t]`` is computed at the k entries only (below 7% density; past it the dense
+    ``dyᵀ x`` GEMM is faster and is used). The products with Δ use sparse kernels for small
+    token counts and, where ``N·(in+out) ≥ 2·out·in`` or the density is ≥ 5%, one temporary
+    ``W + Δ`` (out×in, rebuilt in backward, never saved), which costs less than a pass over the
+    activations there. Results are deterministic. CPU: float32, float64; CUDA: also
+    float16/bfloat16 (float32 accumulation).
+    """
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "sparse_delta_linear: weight must be frozen (requires_grad=False); it receives no "
+            "gradient. Call weight.requires_grad_(False) or pass weight.detach().")
+    return _sparse_delta_linear_fwd(x, weight, indices, values, bias)

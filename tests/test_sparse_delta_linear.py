@@ -1,0 +1,163 @@
+"""pk.ops.sparse_delta_linear against reference.sparse_delta_linear (dense W + Δ in float64, the
+dense gradient of Δ read at the k entries), gradcheck, opcheck, determinism, bad inputs."""
+import math
+
+import pytest
+import torch
+
+import peft_kernels as pk
+from peft_kernels import reference as R
+from tolerances import assert_close
+
+
+def make_inputs(lead, in_f, out_f, k, dtype, device, bias=True, index_dtype=torch.int64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(in_f)
+    x = torch.randn(*lead, in_f, generator=g, dtype=torch.float64)
+    w = (torch.rand(out_f, in_f, generator=g, dtype=torch.float64) * 2 - 1) * bound
+    b = (torch.rand(out_f, generator=g, dtype=torch.float64) * 2 - 1) * bound if bias else None
+    idx = torch.randperm(out_f * in_f, generator=g)[:k].sort().values.to(index_dtype)
+    v = torch.randn(k, generator=g, dtype=torch.float64) * bound
+    to = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    return to(x), to(w), to(b), idx.to(device), to(v)
+
+
+def check(x, w, b, idx, v, dtype):
+    x_k = x.detach().clone().requires_grad_()
+    v_k = v.detach().clone().requires_grad_()
+    b_k = None if b is None else b.detach().clone().requires_grad_()
+    y = pk.ops.sparse_delta_linear(x_k, w, idx, v_k, bias=b_k)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    wrt = [t for t in (x_k, v_k, b_k) if t is not None]
+    grads = torch.autograd.grad(y, wrt, dy.to(y.device, dtype))
+    d = lambda t: None if t is None else t.detach().double().cpu().requires_grad_()
+    xr, vr, br = d(x), d(v), d(b)
+    yr = R.sparse_delta_linear(xr, w.double().cpu(), idx.cpu(), vr, br)
+    grads_r = torch.autograd.grad(yr, [t for t in (xr, vr, br) if t is not None], dy)
+    assert_close(y, yr, dtype, "y")
+    for name, got, want in zip(["dx", "dvalues", "dbias"], grads, grads_r):
+        assert got.shape == want.shape and got.dtype == dtype
+        assert_close(got, want, dtype, name)
+
+
+# 67 x 45 = 3015 weights: k = 1 (one entry), 3 (0.1%), 30 (1%), 301 (10%), 3015 (100%).
+# With lead (n,) for n <= 50 every product takes the sparse kernels below 5% density; 200 rows
+# take the W + Δ temporary for the products and still the sparse gradient below 7%.
+DENSITIES = [1, 3, 30, 301, 3015]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", DENSITIES)
+@pytest.mark.parametrize("lead", [(1,), (31,), (3, 11), (200,)])
+def test_matches_reference(device, dtype, k, lead):
+    check(*make_inputs(lead, 45, 67, k, dtype, device), dtype)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_index_dtypes_and_no_bias(device, index_dtype, bias):
+    check(*make_inputs((40,), 97, 130, 126, torch.float64, device, bias=bias,
+                       index_dtype=index_dtype), torch.float64)
+
+
+def test_entry_layouts(device):
+    """All entries in one row, all in one column, the first and last weights."""
+    out_f, in_f = 23, 19
+    for idx in (torch.arange(5 * in_f, 6 * in_f), torch.arange(out_f) * in_f + 7,
+                torch.tensor([0, out_f * in_f - 1])):
+        x, w, b, _, _ = make_inputs((37,), in_f, out_f, 1, torch.float64, device)
+        v = torch.randn(idx.numel(), dtype=torch.float64, device=device)
+        check(x, w, b, idx.to(device), v, torch.float64)
+
+
+def test_non_contiguous_inputs(device):
+    x, w, b, idx, v = make_inputs((20, 90), 45, 67, 30, torch.float64, device)
+    x_nc = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided
+    assert not x_nc.is_contiguous()
+    w_nc = w.t().contiguous().t()
+    check(x_nc, w_nc, b, idx, v, torch.float64)
+
+
+def test_empty_k_and_empty_batch(device):
+    x, w, b, _, _ = make_inputs((9,), 45, 67, 1, torch.float64, device)
+    idx = torch.empty(0, dtype=torch.int64, device=device)
+    v = torch.empty(0, dtype=torch.float64, device=device, requires_grad=True)
+    y = pk.ops.sparse_delta_linear(x, w, idx, v, bias=b)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=0, atol=0)
+    (gv,) = torch.autograd.grad(y.sum(), v)
+    assert gv.shape == (0,)
+    x0 = x[:0].clone().requires_grad_()
+    _, _, _, idx1, v1 = make_inputs((9,), 45, 67, 30, torch.float64, device)
+    v1.requires_grad_()
+    y0 = pk.ops.sparse_delta_linear(x0, w, idx1, v1, bias=b)
+    gx, gv = torch.autograd.grad(y0.sum(), (x0, v1))
+    assert y0.shape == (0, 67) and gx.shape == (0, 45)
+    assert torch.equal(gv, torch.zeros_like(gv))
+
+
+def test_deterministic(device):
+    x, w, b, idx, v = make_inputs((300,), 45, 67, 90, torch.float32, device)
+    v.requires_grad_()
+    runs = []
+    for _ in range(2):
+        (gv,) = torch.autograd.grad(pk.ops.sparse_delta_linear(x, w, idx, v, bias=b).sum(), v)
+        runs.append(gv)
+    assert torch.equal(runs[0], runs[1])
+
+
+# 18 x 20: (5,) k=4 takes every sparse kernel, (3, 4) k=40 the dense paths, (70,) k=8 the
+# W + Δ temporary for the products and the sparse gradient.
+@pytest.mark.parametrize("lead,k", [((5,), 4), ((3, 4), 40), ((70,), 8)])
+def test_gradcheck(lead, k):
+    x, w, b, idx, v = make_inputs(lead, 20, 18, k, torch.float64, "cpu")
+    args = [t.requires_grad_() for t in (x, v, b)]
+    assert torch.autograd.gradcheck(
+        lambda x_, v_, b_: pk.ops.sparse_delta_linear(x_, w, idx, v_, bias=b_), args)
+
+
+def test_opcheck():
+    x, w, b, idx, v = make_inputs((6,), 9, 7, 5, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.peft_kernels.sparse_delta_linear_fwd,
+                          (x.requires_grad_(), w, idx, v.requires_grad_(), b))
+    dy = torch.randn(6, 7)
+    torch.library.opcheck(torch.ops.peft_kernels.sparse_delta_linear_bwd,
+                          (dy, x.detach(), w, idx, v.detach(), True, True, True))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lead,k", [((33,), 30), ((300,), 301)])
+def test_half_types_cuda(dtype, lead, k):
+    check(*make_inputs(lead, 45, 67, k, dtype, "cuda"), dtype)
+
+
+def test_bad_inputs():
+    x, w, b, idx, v = make_inputs((4,), 9, 7, 5, torch.float32, "cpu")
+    op = pk.ops.sparse_delta_linear
+    with pytest.raises(ValueError, match="sorted"):
+        op(x, w, idx.flip(0), v)
+    with pytest.raises(ValueError, match="sorted in increasing order without duplicates"):
+        op(x, w, torch.tensor([1, 1, 2, 3, 4]), v)
+    with pytest.raises(ValueError, match=r"\[0, 63\)"):
+        op(x, w, torch.tensor([0, 1, 2, 3, 63]), v)
+    with pytest.raises(ValueError, match=r"\[0, 63\)"):
+        op(x, w, torch.tensor([-1, 1, 2, 3, 4]), v)
+    with pytest.raises(TypeError, match="indices must be int64 or int32"):
+        op(x, w, idx.float(), v)
+    with pytest.raises(ValueError, match="indices must be 1-D"):
+        op(x, w, idx.view(5, 1), v)
+    with pytest.raises(ValueError, match="values must have one entry per index"):
+        op(x, w, idx, v[:4])
+    with pytest.raises(TypeError, match="values has dtype"):
+        op(x, w, idx, v.double())
+    with pytest.raises(ValueError, match="weight must have shape"):
+        op(x, w[:, :8], idx, v)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        op(x, w, idx, v, bias=b[:3])
+    with pytest.raises(TypeError, match="x must be float32 or float64"):
+        op(x.half(), w.half(), idx, v.half())
+    with pytest.raises(ValueError, match="weight must be frozen"):
+        op(x, w.clone().requires_grad_(), idx, v)
+    with pytest.raises(ValueError, match="on one device"):
+        op(x, w, idx.to("meta"), v)
