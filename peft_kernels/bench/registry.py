@@ -9,7 +9,8 @@ from typing import Callable, Optional
 import torch
 
 # Modules that register cases on import; a new op adds its module here.
-CASE_MODULES = ["peft_kernels.bench.lora_linear", "peft_kernels.bench.expm"]
+CASE_MODULES = ["peft_kernels.bench.lora_linear", "peft_kernels.bench.expm",
+                "peft_kernels.bench.sparse_delta_linear"]
 
 
 @dataclass
