@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cuda/elem.cuh"
 #include "kernels/block_rotate.h"
 
 namespace peft_kernels {
@@ -49,39 +50,11 @@ __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return
 __host__ __device__ __forceinline__ int tile_cols(int b) { return b * (kTileCols / b); }
 
 // ---------------------------------------------------------------------------------------------
-// Element types. The build disables the implicit half/bfloat16 conversions, so every conversion
-// is an explicit intrinsic.
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-template <>
-struct Elem<double> {
-  using Acc = double;
-  static __device__ __forceinline__ double load(double v) { return v; }
-  static __device__ __forceinline__ double store(double v) { return v; }
-};
-template <>
-struct Elem<__half> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
-template <typename T>
-using AccT = typename Elem<T>::Acc;
+// Element types and fused multiply-add: cuda/elem.cuh.
+using cu::AccT;
+using cu::Elem;
+using cu::madd;
 
-__device__ __forceinline__ float madd(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double madd(double a, double b, double c) { return fma(a, b, c); }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

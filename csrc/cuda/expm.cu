@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "cuda/elem.cuh"
 #include "kernels/expm.h"
 
 namespace peft_kernels {
@@ -34,36 +35,10 @@ constexpr int64_t kMaxGrid = 2147483647;   // gridDim.x limit; the kernels loop 
 constexpr int64_t kMaxSharedN = 4096;      // n beyond this never fits (avoids n * n overflow)
 
 // ---------------------------------------------------------------------------------------------
-// Element types: half types are computed in float. The build disables the implicit half/bfloat16
-// conversions, so every conversion is an explicit intrinsic.
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  using Acc = float;
-  static HOST_DEVICE float load(float v) { return v; }
-  static HOST_DEVICE float store(float v) { return v; }
-};
-template <>
-struct Elem<double> {
-  using Acc = double;
-  static HOST_DEVICE double load(double v) { return v; }
-  static HOST_DEVICE double store(double v) { return v; }
-};
-template <>
-struct Elem<__half> {
-  using Acc = float;
-  static HOST_DEVICE float load(__half v) { return __half2float(v); }
-  static HOST_DEVICE __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  using Acc = float;
-  static HOST_DEVICE float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static HOST_DEVICE __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
-template <typename T>
-using AccT = typename Elem<T>::Acc;
+// Element types and fused multiply-add: cuda/elem.cuh.
+using cu::AccT;
+using cu::Elem;
+using cu::madd;
 
 struct CudaBlock {
   static __device__ __forceinline__ int rank() { return static_cast<int>(threadIdx.x); }
@@ -73,8 +48,6 @@ struct CudaBlock {
 
 HOST_DEVICE double nan_max(double a, double b) { return (isnan(a) || a >= b) ? a : b; }
 
-HOST_DEVICE float madd(float a, float b, float c) { return fmaf(a, b, c); }
-HOST_DEVICE double madd(double a, double b, double c) { return fma(a, b, c); }
 
 // The participant interface of expm::exp_in_workspace for one thread block. `red` is shared
 // memory for one double per thread (the 1-norm reduction).
