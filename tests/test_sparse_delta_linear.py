@@ -132,6 +132,22 @@ def test_half_types_cuda(dtype, lead, k):
     check(*make_inputs(lead, 45, 67, k, dtype, "cuda"), dtype)
 
 
+def test_indices_revalidated_after_in_place_change(device):
+    # A validated index tensor is not checked again, unless it was written to since.
+    x, w, _, idx, v = make_inputs((4,), 9, 7, 5, torch.float32, device)
+    pk.ops.sparse_delta_linear(x, w, idx, v)
+    idx[0] = -1
+    with pytest.raises(ValueError, match=r"\[0, 63\)"):
+        pk.ops.sparse_delta_linear(x, w, idx, v)
+    idx[0] = idx[1]
+    with pytest.raises(ValueError, match="sorted"):
+        pk.ops.sparse_delta_linear(x, w, idx, v)
+    # Another weight shape is validated on its own.
+    pk.ops.sparse_delta_linear(x, w, idx.sort().values.unique()[:4], v[:4])
+    with pytest.raises(ValueError, match=r"\[0, 18\)"):
+        pk.ops.sparse_delta_linear(x, w[:2], torch.tensor([0, 1, 2, 40], device=device), v[:4])
+
+
 def test_bad_inputs():
     x, w, b, idx, v = make_inputs((4,), 9, 7, 5, torch.float32, "cpu")
     op = pk.ops.sparse_delta_linear

@@ -1,5 +1,6 @@
 // Fused low-rank adapter matmul: y = x W^T + bias + s * act(drop(x) A^T) B^T.
-// The big GEMMs (x W^T, dy W) go through ATen; these three kernels are the adapter branch:
+// The big GEMMs (x W^T, dy W) go through ATen; on the CPU these three kernels are the adapter
+// branch (on CUDA, cuBLAS and lora_dropout_cuda below):
 //   shrink : pre = drop(x) A^T                       (dropout fused: no dropped copy of x)
 //   dy pass: g = dy B,  dB = dy^T a,  dbias = sum dy  (one read of dy for all rank-r reductions)
 //   x pass : dA = dpre^T drop(x),  dx = mask * (dpre A) (one read of x, mask regenerated)
@@ -24,23 +25,21 @@ struct LoraDyPassParams {
   const void* B = nullptr;   // [out, r], dtype, contiguous
   const void* a = nullptr;   // [N, r], accumulation type: s * act(pre)
   void* g = nullptr;         // [N, r], accumulation type: dy B (written)
-  void* dB = nullptr;        // [out, r], accumulation type: dy^T a (written; CUDA: zero on entry)
+  void* dB = nullptr;        // [out, r], accumulation type: dy^T a (written)
   void* dbias = nullptr;     // [out], accumulation type: column sums of dy; nullptr = not needed
   int64_t N = 0, out = 0, r = 0;
   DType dtype = DType::kFloat32;
-  bool deterministic = false;  // CUDA: no atomics (two passes over dy)
 };
 
 struct LoraXPassParams {
   const void* x = nullptr;     // [N, in], dtype, contiguous
   const void* A = nullptr;     // [r, in], dtype, contiguous
   const void* dpre = nullptr;  // [N, r], accumulation type
-  void* dA = nullptr;          // [r, in], accumulation type (written; CUDA: zero on entry)
+  void* dA = nullptr;          // [r, in], accumulation type (written)
   void* dx = nullptr;          // [N, in], dtype: mask * scale * (dpre A); nullptr = not needed
   int64_t N = 0, in = 0, r = 0;
   DType dtype = DType::kFloat32;
   DropoutParams dropout;
-  bool deterministic = false;  // CUDA: no atomics
 };
 
 // y = bias + a B^T with a = s * act(pre) (CPU; CUDA uses cuBLAS for this GEMM).
@@ -59,9 +58,18 @@ void lora_dy_pass_cpu(const LoraDyPassParams& p);
 void lora_x_pass_cpu(const LoraXPassParams& p);
 void lora_expand_cpu(const LoraExpandParams& p);
 
-// CUDA: float32, float64, float16, bfloat16 (float32 accumulation for the half types).
-void lora_shrink_cuda(const LoraShrinkParams& p, cudaStream_t stream);
-void lora_dy_pass_cuda(const LoraDyPassParams& p, cudaStream_t stream);
-void lora_x_pass_cuda(const LoraXPassParams& p, cudaStream_t stream);
+// CUDA runs every product through cuBLAS (csrc/ops/lora_linear.cpp); its kernel is the dropout
+// mask: dst = keep(row0 + i, j) ? src : 0 over a [rows, cols] block of rows, the same mask as the
+// CPU kernels (the 1 / (1 - p) scale is applied by the caller). dst may alias src. float32,
+// float64, float16, bfloat16.
+struct LoraDropoutParams {
+  const void* src = nullptr;  // [rows, cols], dtype, contiguous
+  void* dst = nullptr;        // [rows, cols], dtype, contiguous (written)
+  int64_t rows = 0, cols = 0;
+  int64_t row0 = 0;  // global row index of the block's first row (the mask's row coordinate)
+  DType dtype = DType::kFloat32;
+  DropoutParams dropout;  // seed and threshold (scale unused)
+};
+void lora_dropout_cuda(const LoraDropoutParams& p, cudaStream_t stream);
 
 }  // namespace peft_kernels

@@ -109,6 +109,100 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return v;
 }
 
+// ---- CUDA: every product through cuBLAS (csrc/cuda/lora_linear.cu says why), the dropout mask
+// applied by lora_dropout_cuda.
+
+// Rows of mask * x materialised at a time: bounds the workspace to about this many bytes. Each
+// chunk costs a mask launch and a GEMM (and in the backward an add): at 16 MiB the N = 8192,
+// in = 4096 bfloat16 step took 4 chunks per pass and measured host-bound (1.26 ms of host time
+// per step against 1.08 ms on the GPU).
+constexpr int64_t kDropoutChunkBytes = int64_t{64} << 20;
+
+// a b with the result in the accumulation type: cuBLAS accumulates half types in float32 and
+// writes float32 (no rounding of the rank-r results to 8 mantissa bits).
+at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
+  const auto acc = accumulation_type(a.scalar_type());
+  return acc == a.scalar_type() ? at::mm(a, b) : at::mm(a, b, acc);
+}
+
+void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const auto acc = accumulation_type(a.scalar_type());
+  if (acc == a.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, acc);
+  }
+}
+
+// The rank-r float32 operands of the half-type weight-gradient products (a for dB, dpre for dA
+// and dx) enter cuBLAS as [hi, lo] with hi = rn(v), lo = rn(v - hi): hi + lo carries about 16
+// (bfloat16) / 22 (float16) significant bits where hi alone has 8 / 11, so the products keep close
+// to float32 accuracy (float16 dA measured 2.3e-2 absolute off the float64 reference with hi
+// alone, against 1e-2 allowed) at the price of rank 2r in skinny products that are memory-bound
+// anyway. The partner operand is repeated along the rank dimension (rank_pair), or the two halves
+// of the result summed (fold_pair). float32 / float64 pass through unchanged.
+at::Tensor rank_operand(const at::Tensor& v, at::ScalarType dtype) {
+  if (v.scalar_type() == dtype) return v;
+  const int64_t r = v.size(1);
+  at::Tensor pair = at::empty({v.size(0), 2 * r}, v.options().dtype(dtype));
+  at::Tensor hi = pair.narrow(1, 0, r);
+  hi.copy_(v);
+  pair.narrow(1, r, r).copy_(v - hi);  // the difference is formed in float32
+  return pair;
+}
+
+at::Tensor rank_pair(const at::Tensor& t, int64_t dim) {
+  return accumulation_type(t.scalar_type()) == t.scalar_type() ? t : at::cat({t, t}, dim);
+}
+
+at::Tensor fold_pair(const at::Tensor& t, int64_t dim, at::ScalarType dtype) {
+  if (accumulation_type(dtype) == dtype) return t;
+  const int64_t r = t.size(dim) / 2;
+  return t.narrow(dim, 0, r) + t.narrow(dim, r, r);
+}
+
+void dropout_rows_cuda(const at::Tensor& src, at::Tensor& dst, int64_t row0,
+                       const DropoutParams& d) {
+  LoraDropoutParams p;
+  p.src = src.data_ptr();
+  p.dst = dst.data_ptr();
+  p.rows = src.size(0);
+  p.cols = src.size(1);
+  p.row0 = row0;
+  p.dtype = kernel_dtype(src.scalar_type());
+  p.dropout = d;
+  PK_CUDA_LAUNCH(src, lora_dropout_cuda(p, current_stream(src)));
+}
+
+// fn(row0, rows, (mask * x2)[row0 : row0 + rows]) over bounded row chunks, one reused workspace
+// (stream order keeps a chunk's product ahead of the next chunk's overwrite). The 1 / (1 - p)
+// scale is the caller's, on the float32 side.
+template <typename Fn>
+void for_dropped_chunks(const at::Tensor& x2, const DropoutParams& d, Fn&& fn) {
+  const int64_t N = x2.size(0), in = x2.size(1);
+  const int64_t chunk =
+      std::max<int64_t>(1, kDropoutChunkBytes / std::max<int64_t>(1, in * x2.element_size()));
+  at::Tensor workspace = at::empty({std::min(chunk, N), in}, x2.options());
+  for (int64_t row0 = 0; row0 < N; row0 += chunk) {
+    const int64_t rows = std::min(chunk, N - row0);
+    at::Tensor dropped = workspace.narrow(0, 0, rows);
+    dropout_rows_cuda(x2.narrow(0, row0, rows), dropped, row0, d);
+    fn(row0, rows, dropped);
+  }
+}
+
+// pre = drop(x2) A^T in the accumulation type.
+at::Tensor shrink_cuda(const at::Tensor& x2, const at::Tensor& A, const DropoutParams& d) {
+  if (!d.enabled()) return mm_acc(x2, A.t());
+  at::Tensor pre = at::empty({x2.size(0), A.size(0)},
+                             x2.options().dtype(accumulation_type(x2.scalar_type())));
+  for_dropped_chunks(x2, d, [&](int64_t row0, int64_t rows, const at::Tensor& masked) {
+    at::Tensor slice = pre.narrow(0, row0, rows);
+    mm_acc_out(slice, masked, A.t());
+  });
+  return pre.mul_(d.scale);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
@@ -126,20 +220,20 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
   const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
   const c10::optional<at::Tensor> seed_c =
       seed.has_value() ? c10::optional<at::Tensor>(seed->contiguous()) : c10::nullopt;
-  at::Tensor pre = at::empty({s.N, s.r}, x.options().dtype(acc));
-
-  LoraShrinkParams sp;
-  sp.x = x2.data_ptr();
-  sp.A = A.data_ptr();
-  sp.pre = pre.data_ptr();
-  sp.N = s.N;
-  sp.in = s.in;
-  sp.r = s.r;
-  sp.dtype = kernel_dtype(dtype);
-  sp.dropout = dropout_params(seed_c, dropout_p);
+  at::Tensor pre;
   if (x.is_cuda()) {
-    PK_CUDA_LAUNCH(x, lora_shrink_cuda(sp, current_stream(x)));
+    pre = shrink_cuda(x2, A, dropout_params(seed_c, dropout_p));
   } else {
+    pre = at::empty({s.N, s.r}, x.options().dtype(acc));
+    LoraShrinkParams sp;
+    sp.x = x2.data_ptr();
+    sp.A = A.data_ptr();
+    sp.pre = pre.data_ptr();
+    sp.N = s.N;
+    sp.in = s.in;
+    sp.r = s.r;
+    sp.dtype = kernel_dtype(dtype);
+    sp.dropout = dropout_params(seed_c, dropout_p);
     lora_shrink_cpu(sp);
   }
 
@@ -150,6 +244,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
   } else {
     // The expand writes the output buffer, then the base GEMM accumulates into it (beta = 1):
     // no N x out temporary besides y itself.
+    // y is rounded to the input dtype anyway: a enters the product rounded too, as in the
+    // unfused layer.
     const at::Tensor a = scaled_activation(pre, activation, scaling).to(dtype).contiguous();
     if (x.is_cuda()) {
       y = bias.has_value() ? at::addmm(*bias, a, B.t()) : at::mm(a, B.t());
@@ -194,17 +290,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
   const at::Tensor pre2 = pre.reshape({s.N, s.r}).contiguous();
   const c10::optional<at::Tensor> seed_c =
       seed.has_value() ? c10::optional<at::Tensor>(seed->contiguous()) : c10::nullopt;
-  const bool on_cuda = x.is_cuda();
-  const bool deterministic = deterministic_mode();
-  // CUDA kernels accumulate the reductions atomically into zeroed buffers.
-  auto reduction_buffer = [&](at::IntArrayRef shape) {
-    return on_cuda ? at::zeros(shape, x.options().dtype(acc)) : at::empty(shape, x.options().dtype(acc));
-  };
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  const bool merged = use_merged_weight(s, dtype, dropout_p, activation);
+
+  if (x.is_cuda()) {
+    // Rank-r operands go to cuBLAS in the input dtype (as the unfused layer does); the reductions
+    // come back in the accumulation type. All products are cuBLAS: deterministic.
+    const DropoutParams d = dropout_params(seed_c, dropout_p);
+    const at::Tensor g = mm_acc(dy, B);
+    at::Tensor dx, dA, dB, dbias;
+    if (need_B) {
+      const at::Tensor a = rank_operand(scaled_activation(pre2, activation, scaling), dtype);
+      dB = fold_pair(mm_acc(dy.t(), a), 1, dtype);
+    }
+    if (need_bias) dbias = at::sum(dy, {0}, false, acc);
+    if (need_x || need_A) {
+      // With dropout, dpre carries the 1 / (1 - p) scale: dA = dpre^T (mask * x) and
+      // dx += mask * (dpre A) then need only the exact masking.
+      const double dscale = d.enabled() ? d.scale : 1.0;
+      const at::Tensor dpre =
+          rank_operand(activation_backward(g, pre2, activation, scaling * dscale), dtype);
+      if (need_A) {
+        if (!d.enabled()) {
+          dA = mm_acc(dpre.t(), x2);
+        } else {
+          for_dropped_chunks(x2, d, [&](int64_t row0, int64_t rows, const at::Tensor& masked) {
+            at::Tensor part = mm_acc(dpre.narrow(0, row0, rows).t(), masked);
+            dA = dA.defined() ? dA.add_(part) : part;
+          });
+          if (!dA.defined()) dA = at::zeros({dpre.size(1), s.in}, x.options().dtype(acc));  // N = 0
+        }
+        dA = fold_pair(dA, 0, dtype);
+      }
+      if (need_x) {
+        if (merged) {
+          dx = at::mm(dy, at::addmm(weight, B, A, 1.0, scaling));
+        } else {
+          // The adapter's share, masked in place, then the base GEMM adds to it.
+          dx = at::mm(dpre, rank_pair(A, 0));
+          if (d.enabled()) dropout_rows_cuda(dx, dx, 0, d);
+          dx.addmm_(dy, weight);
+        }
+        dx = dx.view(x.sizes());
+      }
+    }
+    return {need_x ? dx : empty(), need_A ? dA.to(dtype) : empty(),
+            need_B ? dB.to(dtype) : empty(), need_bias ? dbias.to(dtype) : empty()};
+  }
 
   const at::Tensor a = scaled_activation(pre2, activation, scaling);
   at::Tensor g = at::empty({s.N, s.r}, x.options().dtype(acc));
-  at::Tensor dB = reduction_buffer({s.out, s.r});
-  at::Tensor dbias = need_bias ? reduction_buffer({s.out}) : at::Tensor();
+  at::Tensor dB = at::empty({s.out, s.r}, x.options().dtype(acc));
+  at::Tensor dbias = need_bias ? at::empty({s.out}, x.options().dtype(acc)) : at::Tensor();
   LoraDyPassParams dp;
   dp.dy = dy.data_ptr();
   dp.B = B.data_ptr();
@@ -216,18 +353,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
   dp.out = s.out;
   dp.r = s.r;
   dp.dtype = kernel_dtype(dtype);
-  dp.deterministic = deterministic;
-  if (on_cuda) {
-    PK_CUDA_LAUNCH(x, lora_dy_pass_cuda(dp, current_stream(x)));
-  } else {
-    lora_dy_pass_cpu(dp);
-  }
+  lora_dy_pass_cpu(dp);
 
   at::Tensor dx, dA;
   if (need_x || need_A) {
     const at::Tensor dpre = activation_backward(g, pre2, activation, scaling).contiguous();
-    const bool merged = use_merged_weight(s, dtype, dropout_p, activation);
-    dA = reduction_buffer({s.r, s.in});
+    dA = at::empty({s.r, s.in}, x.options().dtype(acc));
     if (need_x && !merged) dx = at::empty({s.N, s.in}, x.options());
     LoraXPassParams xp;
     xp.x = x2.data_ptr();
@@ -240,12 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
     xp.r = s.r;
     xp.dtype = kernel_dtype(dtype);
     xp.dropout = dropout_params(seed_c, dropout_p);
-    xp.deterministic = deterministic;
-    if (on_cuda) {
-      PK_CUDA_LAUNCH(x, lora_x_pass_cuda(xp, current_stream(x)));
-    } else {
-      lora_x_pass_cpu(xp);
-    }
+    lora_x_pass_cpu(xp);
     if (need_x) {
       if (merged) {
         dx = at::mm(dy, at::addmm(weight, B, A, 1.0, scaling));
@@ -255,7 +381,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
       dx = dx.view(x.sizes());
     }
   }
-  auto empty = [&] { return at::empty({0}, x.options()); };
   return {need_x ? dx : empty(), need_A ? dA.to(dtype) : empty(),
           need_B ? dB.to(dtype) : empty(), need_bias ? dbias.to(dtype) : empty()};
 }

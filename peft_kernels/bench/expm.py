@@ -32,7 +32,7 @@ def _expm_setup(batch, n, dtype, device, backward):
             if not backward:
                 with torch.no_grad():
                     return fn(A)
-            return torch.autograd.grad(fn(A), A, G)
+            return torch.autograd.grad(fn(A), A, G.to(A.device, A.dtype))
 
         def error() -> float:
             got = run(expm, S)
