@@ -84,6 +84,22 @@ void launch(const LoraDropoutParams& p, cudaStream_t stream) {
   }
 }
 
+// dst[i, 0:r] = rn(scale * src[i, :]), dst[i, r:2r] = rn(scale * src[i, :] - dst[i, 0:r]).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lora_rank_pair_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t rows,
+                          int64_t r, float scale) {
+  const int64_t total = rows * r;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t row = i / r, k = i - row * r;
+    const float v = scale * src[i];
+    const T hi = Elem<T>::store(v);
+    dst[row * 2 * r + k] = hi;
+    dst[row * 2 * r + r + k] = Elem<T>::store(v - Elem<T>::load(hi));
+  }
+}
+
 }  // namespace
 
 void lora_dropout_cuda(const LoraDropoutParams& p, cudaStream_t stream) {
@@ -93,6 +109,26 @@ void lora_dropout_cuda(const LoraDropoutParams& p, cudaStream_t stream) {
     case DType::kFloat64: launch<double>(p, stream); break;
     case DType::kFloat16: launch<__half>(p, stream); break;
     case DType::kBFloat16: launch<__nv_bfloat16>(p, stream); break;
+  }
+}
+
+}  // namespace peft_kernels
+
+namespace peft_kernels {
+
+void lora_rank_pair_cuda(const LoraRankPairParams& p, cudaStream_t stream) {
+  const int64_t total = p.rows * p.r;
+  if (total <= 0) return;
+  const auto blocks =
+      static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 4096));
+  const float* src = static_cast<const float*>(p.src);
+  const float scale = static_cast<float>(p.scale);
+  if (p.dtype == DType::kBFloat16) {
+    lora_rank_pair_kernel<<<blocks, kThreads, 0, stream>>>(
+        src, static_cast<__nv_bfloat16*>(p.dst), p.rows, p.r, scale);
+  } else {
+    lora_rank_pair_kernel<<<blocks, kThreads, 0, stream>>>(src, static_cast<__half*>(p.dst),
+                                                           p.rows, p.r, scale);
   }
 }
 

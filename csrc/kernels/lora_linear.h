@@ -72,4 +72,15 @@ struct LoraDropoutParams {
 };
 void lora_dropout_cuda(const LoraDropoutParams& p, cudaStream_t stream);
 
+// The [hi, lo] rank operand of the half-type products (csrc/ops/lora_linear.cpp says why), one
+// launch: dst [rows, 2r] = [rn(scale * src), rn(scale * src - hi)] for float32 src [rows, r].
+struct LoraRankPairParams {
+  const void* src = nullptr;  // [rows, r], float32, contiguous
+  void* dst = nullptr;        // [rows, 2r], dtype (float16 or bfloat16), contiguous (written)
+  int64_t rows = 0, r = 0;
+  double scale = 1.0;
+  DType dtype = DType::kBFloat16;
+};
+void lora_rank_pair_cuda(const LoraRankPairParams& p, cudaStream_t stream);
+
 }  // namespace peft_kernels

@@ -82,19 +82,20 @@ bool use_merged_weight(const Shapes& s, at::ScalarType dtype, double p, int64_t 
   return s.N * (s.in + s.out) >= 2 * s.in * s.out;
 }
 
-at::Tensor scaled_activation(const at::Tensor& pre, int64_t act, double scaling) {
+// act(pre) (pre itself for the identity).
+at::Tensor apply_activation(const at::Tensor& pre, int64_t act) {
   switch (act) {
-    case kRelu: return at::relu(pre).mul_(scaling);
-    case kGelu: return at::gelu(pre).mul_(scaling);
-    case kSilu: return at::silu(pre).mul_(scaling);
-    default: return pre * scaling;
+    case kRelu: return at::relu(pre);
+    case kGelu: return at::gelu(pre);
+    case kSilu: return at::silu(pre);
+    default: return pre;
   }
 }
 
 // d pre = s * g * act'(pre), through ATen's own activation backward kernels.
 at::Tensor activation_backward(const at::Tensor& g, const at::Tensor& pre, int64_t act,
                                double scaling) {
-  at::Tensor gs = g * scaling;
+  at::Tensor gs = scaling == 1.0 ? g : g * scaling;
   switch (act) {
     case kRelu: return at::threshold_backward(gs, pre, 0);
     case kGelu: return at::gelu_backward(gs, pre);
@@ -135,19 +136,24 @@ void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 }
 
 // The rank-r float32 operands of the half-type weight-gradient products (a for dB, dpre for dA
-// and dx) enter cuBLAS as [hi, lo] with hi = rn(v), lo = rn(v - hi): hi + lo carries about 16
-// (bfloat16) / 22 (float16) significant bits where hi alone has 8 / 11, so the products keep close
-// to float32 accuracy (float16 dA measured 2.3e-2 absolute off the float64 reference with hi
-// alone, against 1e-2 allowed) at the price of rank 2r in skinny products that are memory-bound
-// anyway. The partner operand is repeated along the rank dimension (rank_pair), or the two halves
-// of the result summed (fold_pair). float32 / float64 pass through unchanged.
-at::Tensor rank_operand(const at::Tensor& v, at::ScalarType dtype) {
-  if (v.scalar_type() == dtype) return v;
-  const int64_t r = v.size(1);
-  at::Tensor pair = at::empty({v.size(0), 2 * r}, v.options().dtype(dtype));
-  at::Tensor hi = pair.narrow(1, 0, r);
-  hi.copy_(v);
-  pair.narrow(1, r, r).copy_(v - hi);  // the difference is formed in float32
+// and dx), times `scale`, enter cuBLAS as [hi, lo] with hi = rn(v), lo = rn(v - hi): hi + lo
+// carries about 16 (bfloat16) / 22 (float16) significant bits where hi alone has 8 / 11, so the
+// products keep close to float32 accuracy (float16 dA measured 2.3e-2 absolute off the float64
+// reference with hi alone, against 1e-2 allowed) at the price of rank 2r in skinny products that
+// are memory-bound anyway. The partner operand is repeated along the rank dimension (rank_pair),
+// or the two halves of the result summed (fold_pair). float32 / float64 are only scaled.
+at::Tensor rank_operand(const at::Tensor& v, at::ScalarType dtype, double scale) {
+  if (v.scalar_type() == dtype) return scale == 1.0 ? v : v * scale;
+  const at::Tensor src = v.contiguous();
+  at::Tensor pair = at::empty({v.size(0), 2 * v.size(1)}, v.options().dtype(dtype));
+  LoraRankPairParams p;
+  p.src = src.data_ptr();
+  p.dst = pair.data_ptr();
+  p.rows = v.size(0);
+  p.r = v.size(1);
+  p.scale = scale;
+  p.dtype = kernel_dtype(dtype);
+  PK_CUDA_LAUNCH(v, lora_rank_pair_cuda(p, current_stream(v)));
   return pair;
 }
 
@@ -246,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
     // no N x out temporary besides y itself.
     // y is rounded to the input dtype anyway: a enters the product rounded too, as in the
     // unfused layer.
-    const at::Tensor a = scaled_activation(pre, activation, scaling).to(dtype).contiguous();
+    const at::Tensor a = (apply_activation(pre, activation) * scaling).to(dtype).contiguous();
     if (x.is_cuda()) {
       y = bias.has_value() ? at::addmm(*bias, a, B.t()) : at::mm(a, B.t());
     } else {
@@ -300,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
     const at::Tensor g = mm_acc(dy, B);
     at::Tensor dx, dA, dB, dbias;
     if (need_B) {
-      const at::Tensor a = rank_operand(scaled_activation(pre2, activation, scaling), dtype);
+      const at::Tensor a = rank_operand(apply_activation(pre2, activation), dtype, scaling);
       dB = fold_pair(mm_acc(dy.t(), a), 1, dtype);
     }
     if (need_bias) dbias = at::sum(dy, {0}, false, acc);
@@ -309,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
       // dx += mask * (dpre A) then need only the exact masking.
       const double dscale = d.enabled() ? d.scale : 1.0;
       const at::Tensor dpre =
-          rank_operand(activation_backward(g, pre2, activation, scaling * dscale), dtype);
+          rank_operand(activation_backward(g, pre2, activation, 1.0), dtype, scaling * dscale);
       if (need_A) {
         if (!d.enabled()) {
           dA = mm_acc(dpre.t(), x2);
@@ -338,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
             need_B ? dB.to(dtype) : empty(), need_bias ? dbias.to(dtype) : empty()};
   }
 
-  const at::Tensor a = scaled_activation(pre2, activation, scaling);
+  const at::Tensor a = apply_activation(pre2, activation) * scaling;
   at::Tensor g = at::empty({s.N, s.r}, x.options().dtype(acc));
   at::Tensor dB = at::empty({s.out, s.r}, x.options().dtype(acc));
   at::Tensor dbias = need_bias ? at::empty({s.out}, x.options().dtype(acc)) : at::Tensor();
