@@ -3,6 +3,7 @@
 
 #include "ops/block_rotate.h"
 #include "ops/expm.h"
+#include "ops/lie_weight.h"
 #include "ops/lora_linear.h"
 #include "ops/sparse_delta_linear.h"
 
@@ -25,7 +26,8 @@ py::dict build_info() {
   info["cuda_version"] = py::none();
   info["archs"] = "";
 #endif
-  info["ops"] = std::vector<std::string>{"lora_linear", "expm", "block_rotate", "sparse_delta_linear"};
+  info["ops"] = std::vector<std::string>{"lora_linear", "expm", "block_rotate", "sparse_delta_linear",
+                                          "lie_weight"};
   return info;
 }
 
@@ -65,4 +67,24 @@ PYBIND11_MODULE(_C, m) {
   m.def("sparse_delta_linear_bwd", &peft_kernels::sparse_delta_linear_bwd, py::arg("grad_out"),
         py::arg("x"), py::arg("weight"), py::arg("indices"), py::arg("values"), py::arg("need_x"),
         py::arg("need_values"), py::arg("need_bias"));
+  m.def("lie_weight_fwd", &peft_kernels::lie_weight_fwd, py::arg("weight"), py::arg("lora_A"),
+        py::arg("lora_B"), py::arg("scaling"), py::arg("first_order"));
+  m.def("lie_weight_bwd", &peft_kernels::lie_weight_bwd, py::arg("grad"), py::arg("weight"),
+        py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"), py::arg("first_order"));
+  m.def("lie_linear_fwd", &peft_kernels::lie_linear_fwd, py::arg("x"), py::arg("weight"),
+        py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("scaling"),
+        py::arg("first_order"));
+  m.def("lie_linear_bwd", &peft_kernels::lie_linear_bwd, py::arg("grad_out"), py::arg("x"),
+        py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"),
+        py::arg("first_order"), py::arg("need_x"), py::arg("need_A"), py::arg("need_B"),
+        py::arg("need_bias"));
+  m.def("lie_conv2d_fwd", &peft_kernels::lie_conv2d_fwd, py::arg("x"), py::arg("weight"),
+        py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("scaling"),
+        py::arg("first_order"));
+  m.def("lie_conv2d_bwd", &peft_kernels::lie_conv2d_bwd, py::arg("grad_out"), py::arg("x"),
+        py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("scaling"),
+        py::arg("first_order"), py::arg("need_x"), py::arg("need_A"), py::arg("need_B"),
+        py::arg("need_bias"));
 }

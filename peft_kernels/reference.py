@@ -122,3 +122,20 @@ def sparse_delta_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tens
     """Sparse fine-tuning as SIFT / SpIEL-style pure PyTorch computes it: the dense ``W + Δ`` and
     ``F.linear``; autograd forms the dense ``out×in`` gradient of Δ and keeps its k entries."""
     return F.linear(x, weight + sparse_delta_dense(weight, indices, values), bias)
+
+
+def lie_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+               first_order: bool = False) -> Tensor:
+    """LieRA's weight: ``W ⊙ exp(s·(B A).view_as(W))``, or ``W ⊙ (1 + s·B A)`` to first order."""
+    delta = scaling * (lora_B @ lora_A).view_as(weight)
+    return weight * (1 + delta) if first_order else weight * torch.exp(delta)
+
+
+def lie_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+               scaling: float, first_order: bool = False) -> Tensor:
+    return F.linear(x, lie_weight(weight, lora_A, lora_B, scaling, first_order), bias)
+
+
+def lie_conv2d(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+               scaling: float, first_order: bool = False, **conv) -> Tensor:
+    return F.conv2d(x, lie_weight(weight, lora_A, lora_B, scaling, first_order), bias, **conv)

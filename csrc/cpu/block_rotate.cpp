@@ -3,6 +3,7 @@
 // rotate is b broadcast-FMAs per block against R's columns, outer keeps one block's b x b sums in
 // registers while it streams a tile of rows that stays in L2.
 #include "kernels/block_rotate.h"
+#include "cpu/cpu_features.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -129,10 +130,7 @@ __attribute__((target("avx2,fma"))) void outer_avx2(const T* a, const T* c, T* a
                                                     int64_t k) {
   outer_rows_body<T, B>(a, c, acc, rows, k);
 }
-bool have_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+using cpu::have_avx2_fma;
 #endif
 
 template <typename T, int B>

@@ -3,6 +3,7 @@
 // degree and squarings at no synchronisation cost. The products are i-k-j loops whose inner
 // sweep the compiler vectorises (AVX2+FMA clone when the CPU has it).
 #include "kernels/expm.h"
+#include "cpu/cpu_features.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -85,10 +86,7 @@ __attribute__((target("avx2,fma"))) void gemm_avx2_fixed(std::integral_constant<
   }
 }
 
-bool have_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+using cpu::have_avx2_fma;
 #endif
 
 template <typename T, typename Dim>

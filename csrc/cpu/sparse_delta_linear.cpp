@@ -13,6 +13,7 @@
 //           chunks whose partial sums are added in chunk order, so the result does not depend on
 //           the number of threads.
 #include "kernels/sparse_delta_linear.h"
+#include "cpu/cpu_features.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -147,10 +148,7 @@ PK_AVX2_FN void tile_out_avx2(const float* tile, int64_t ld, int64_t n0, int64_t
   tile_out_scalar(tile, ld, n0, count, d_full, dests, y);
 }
 
-bool have_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+using cpu::have_avx2_fma;
 #else
 #define PK_AVX2_FN
 #endif

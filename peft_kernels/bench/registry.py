@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -10,7 +13,7 @@ import torch
 
 # Modules that register cases on import; a new op adds its module here.
 CASE_MODULES = ["peft_kernels.bench.lora_linear", "peft_kernels.bench.expm",
-                "peft_kernels.bench.sparse_delta_linear"]
+                "peft_kernels.bench.sparse_delta_linear", "peft_kernels.bench.lie"]
 
 
 @dataclass
@@ -85,16 +88,29 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, *, warmu
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def peak_memory_mb(fn: Callable[[], object], device: str) -> Optional[float]:
-    """Peak CUDA memory allocated during fn beyond what was allocated before, in MiB."""
-    if not device.startswith("cuda"):
-        return None
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    synchronize(device)
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory allocated during fn beyond what was allocated before, in MiB: on CUDA from the
+    caching allocator's statistics, on CPU from the profiler's record of every CPU allocation
+    (its running total of the bytes allocated since profiling began)."""
+    if device.startswith("cuda"):
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    return max(totals, default=0) / 2**20
 
 
 def relative_max_error(got, want) -> float:

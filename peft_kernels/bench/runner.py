@@ -56,9 +56,8 @@ def run_case(case, reps: int) -> dict:
     if "floor" in times:
         row["kernel_over_floor"] = times["kernel"] / times["floor"]
         row["baseline_over_floor"] = times["baseline"] / times["floor"]
-    if case.device == "cuda":
-        row["baseline_peak_mb"] = peak_memory_mb(measured.baseline, case.device)
-        row["kernel_peak_mb"] = peak_memory_mb(measured.kernel, case.device)
+    for name, fn in fns.items():
+        row[f"{name}_peak_mb"] = peak_memory_mb(fn, case.device)
     row["status"] = "ok"
     return row
 
@@ -75,9 +74,10 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
               _fmt(r.get("kernel_over_floor"), ".3f"), _fmt(r.get("baseline_over_floor"), ".3f"),
               f"{r['max_rel_error']:.1e}" + ("" if r["status"] == "ok" else " WRONG")] for r in rows]
     if any(r.get("kernel_peak_mb") is not None for r in rows):
-        head.append("peak MiB base/kernel")
+        head.append("peak MiB base/kernel/floor")
         for cells, r in zip(table, rows):
-            cells.append(f"{_fmt(r.get('baseline_peak_mb'), '.0f')}/{_fmt(r.get('kernel_peak_mb'), '.0f')}")
+            cells.append("/".join(_fmt(r.get(f"{k}_peak_mb"), ".0f")
+                                  for k in ("baseline", "kernel", "floor")))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))

@@ -1,8 +1,9 @@
 """Autograd-aware, torch.compile-safe ops over the compiled kernels."""
 from peft_kernels.ops.block_rotate import block_rotate, rotated_linear
 from peft_kernels.ops.expm import expm
+from peft_kernels.ops.lie_weight import lie_conv2d, lie_linear, lie_weight
 from peft_kernels.ops.lora_linear import draw_dropout_seed, lora_linear
 from peft_kernels.ops.sparse_delta_linear import sparse_delta_linear
 
 __all__ = ["lora_linear", "draw_dropout_seed", "expm", "block_rotate", "rotated_linear",
-           "sparse_delta_linear"]
+           "sparse_delta_linear", "lie_weight", "lie_linear", "lie_conv2d"]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
+from peft_kernels.ops._checks import check_frozen, check_one_device
 
 
 @torch.library.custom_op("peft_kernels::block_rotate", mutates_args=())
@@ -85,10 +86,7 @@ def _rotated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], rotations
 
 @_rotated_linear.register_fake
 def _(x, weight, bias, rotations):
-    for name, t in (("weight", weight), ("bias", bias), ("rotations", rotations)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"rotated_linear: {name} is on {t.device} but x is on {x.device}; "
-                             "all tensors must be on one device")
+    check_one_device("rotated_linear", dict(x=x, weight=weight, bias=bias, rotations=rotations), "x")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -125,9 +123,7 @@ def rotated_linear(x: Tensor, weight: Tensor, rotations: Tensor, bias: Optional[
     uses ``M⁻¹ = Mᵀ``: it is exact for orthogonal rotations and wrong otherwise. weight must be
     frozen (it receives no gradient).
     """
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("rotated_linear: weight must be frozen (requires_grad=False); it receives "
-                         "no gradient")
+    check_frozen("rotated_linear", weight)
     if rotations.dim() != 3 or rotations.shape[-1] * rotations.shape[0] != weight.shape[-1]:
         raise ValueError(f"rotated_linear: rotations must have shape [k, b, b] with k * b = in_features "
                          f"({weight.shape[-1]}), got {tuple(rotations.shape)}")

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
+from peft_kernels.ops._checks import check_frozen, check_one_device
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
 
@@ -30,19 +31,10 @@ def _lora_linear_fwd(
     return C().lora_linear_fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, activation)
 
 
-def _check_one_device(op: str, named: dict) -> None:
-    # The dispatcher picks one backend for mixed-device inputs (a meta tensor sends the call
-    # here, to the fake kernel); refuse like the C++ checks do instead of answering on one device.
-    device = named["x"].device
-    for name, t in named.items():
-        if t is not None and t.device != device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}; "
-                             "all tensors must be on one device")
-
-
 @_lora_linear_fwd.register_fake
 def _(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, activation):
-    _check_one_device("lora_linear", dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias))
+    check_one_device("lora_linear",
+                     dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias), "x")
     lead = x.shape[:-1]
     y = x.new_empty((*lead, weight.shape[0]))
     pre = x.new_empty((*lead, lora_A.shape[0]), dtype=_accumulation_dtype(x.dtype))
@@ -150,11 +142,7 @@ def lora_linear(
         )
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "lora_linear: weight must be frozen (requires_grad=False); it receives no gradient. "
-            "Call weight.requires_grad_(False) or pass weight.detach()."
-        )
+    check_frozen("lora_linear", weight)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_dropout_seed(x.device)

@@ -11,15 +11,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
-
-
-def _check_one_device(named: dict) -> None:
-    # The dispatcher picks one backend for mixed-device inputs; refuse like the C++ checks do.
-    device = named["x"].device
-    for name, t in named.items():
-        if t is not None and t.device != device:
-            raise ValueError(f"sparse_delta_linear: {name} is on {t.device} but x is on {device}; "
-                             "all tensors must be on one device")
+from peft_kernels.ops._checks import check_frozen, check_one_device
 
 
 @torch.library.custom_op("peft_kernels::sparse_delta_linear_fwd", mutates_args=())
@@ -30,7 +22,8 @@ def _sparse_delta_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values:
 
 @_sparse_delta_linear_fwd.register_fake
 def _(x, weight, indices, values, bias):
-    _check_one_device(dict(x=x, weight=weight, indices=indices, values=values, bias=bias))
+    check_one_device("sparse_delta_linear",
+                     dict(x=x, weight=weight, indices=indices, values=values, bias=bias), "x")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -86,8 +79,5 @@ def sparse_delta_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tens
     activations there. Results are deterministic. CPU: float32, float64; CUDA: also
     float16/bfloat16 (float32 accumulation).
     """
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "sparse_delta_linear: weight must be frozen (requires_grad=False); it receives no "
-            "gradient. Call weight.requires_grad_(False) or pass weight.detach().")
+    check_frozen("sparse_delta_linear", weight)
     return _sparse_delta_linear_fwd(x, weight, indices, values, bias)
