@@ -6,6 +6,7 @@
 #include "ops/lie_weight.h"
 #include "ops/lora_linear.h"
 #include "ops/sparse_delta_linear.h"
+#include "ops/truncated_svd.h"
 
 #ifndef PK_VERSION
 #define PK_VERSION "unknown"
@@ -27,7 +28,7 @@ py::dict build_info() {
   info["archs"] = "";
 #endif
   info["ops"] = std::vector<std::string>{"lora_linear", "expm", "block_rotate", "sparse_delta_linear",
-                                          "lie_weight"};
+                                          "lie_weight", "truncated_svd"};
   return info;
 }
 
@@ -58,6 +59,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("need_A"), py::arg("need_B"), py::arg("need_bias"));
   m.def("expm_fwd", &peft_kernels::expm_fwd, py::arg("A"));
   m.def("expm_bwd", &peft_kernels::expm_bwd, py::arg("A"), py::arg("grad"));
+  m.def("truncated_svd", &peft_kernels::truncated_svd, py::arg("A"), py::arg("k"),
+        py::arg("niter"), py::arg("oversample"), py::arg("method"));
+  m.def("svd_jacobi_columns", &peft_kernels::jacobi_svd_columns, py::arg("X"));
+  m.def("svd_orthonormalize_rows", &peft_kernels::orthonormalize_rows, py::arg("Q"));
   m.def("block_rotate", &peft_kernels::block_rotate, py::arg("x"), py::arg("rotations"),
         py::arg("transpose"));
   m.def("block_outer", &peft_kernels::block_outer, py::arg("a"), py::arg("c"),

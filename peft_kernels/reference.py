@@ -139,3 +139,14 @@ def lie_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: 
 def lie_conv2d(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                scaling: float, first_order: bool = False, **conv) -> Tensor:
     return F.conv2d(x, lie_weight(weight, lora_A, lora_B, scaling, first_order), bias, **conv)
+
+
+def truncated_svd(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k SVD of every matrix of A through numpy's LAPACK in float64, with the package's sign
+    convention (the largest-magnitude entry of each column of U, the first on ties, positive)."""
+    a = A.detach().double().cpu().numpy()
+    u, s, vh = np.linalg.svd(a, full_matrices=False)
+    u, s, vh = u[..., :, :k], s[..., :k], vh[..., :k, :]
+    pivot = np.abs(u).argmax(axis=-2)[..., None, :]
+    sign = np.where(np.take_along_axis(u, pivot, axis=-2) < 0, -1.0, 1.0)
+    return torch.from_numpy(u * sign), torch.from_numpy(s.copy()), torch.from_numpy(vh * sign.swapaxes(-1, -2))

@@ -55,3 +55,16 @@ def expm_rtol(dtype: torch.dtype, norm1: float) -> float:
     if dtype == torch.float64:
         return EXPM_RTOL_FLOAT64
     return max(1e-5, 8.0 * norm1 * U32)
+
+
+# pk.ops.truncated_svd(method="jacobi") against numpy's LAPACK SVD (float64), errors relative to
+# the largest singular value S_max. The Jacobi sweeps stop once every column pair's cosine is
+# below tol = eps sqrt(m), so singular values carry O(eps) relative-to-S_max error (measured
+# <= 1e-14 in float64, <= 5e-6 in float32 for n <= 64) and U, V are orthonormal to O(n tol):
+# - float64: 1e-12 for S (the specification), orthonormality and A V - U S.
+# - float32: 1e-5 for S (the specification); 1e-4 for orthonormality and A V - U S, which sum
+#   n ~ 64 rounded cosines of size up to eps32 sqrt(m) ~ 1e-6 each (measured <= 2e-5).
+SVD_TOLERANCES = {
+    torch.float64: dict(values=1e-12, orthonormal=1e-12, residual=1e-12),
+    torch.float32: dict(values=1e-5, orthonormal=1e-4, residual=1e-4),
+}

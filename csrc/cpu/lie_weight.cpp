@@ -19,35 +19,33 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/simd.h"
 
 namespace peft_kernels {
 namespace {
+
+using cpu::load;
+using cpu::load_part;
+using cpu::store;
+using cpu::store_part;
+using cpu::Vec;
 
 // dA's row sums go into this many fixed row chunks, added in order at the end: the result does
 // not depend on the number of threads.
 constexpr int64_t kGradChunks = 16;
 
-#define PK_ROW_INLINE inline __attribute__((always_inline))
-
-// exp over 32-byte vectors (GCC vector extensions: element-wise selects, no control flow, so the
-// same code is one AVX2 register per step in the AVX2 clone and two SSE ones otherwise).
+// exp over 32-byte vectors (element-wise selects, no control flow).
 template <typename T>
 struct ExpTraits;
 template <>
-struct ExpTraits<float> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-  static constexpr int kLanes = 8;
+struct ExpTraits<float> : cpu::VecTraits<float> {
   static constexpr int kDegree = 7;  // |t| <= ln2/2: truncation 5e-9 < 2^-24
   static constexpr float kLo = -104.0f, kHi = 89.0f;  // beyond: 0 and inf after scaling
   static constexpr float kRound = 12582912.0f;        // 1.5 * 2^23: x + kRound - kRound = rint(x)
   static constexpr int kMantissa = 23, kBias = 127;
 };
 template <>
-struct ExpTraits<double> {
-  typedef double V __attribute__((vector_size(32)));
-  typedef int64_t I __attribute__((vector_size(32)));
-  static constexpr int kLanes = 4;
+struct ExpTraits<double> : cpu::VecTraits<double> {
   static constexpr int kDegree = 13;  // truncation 4e-18 < 2^-53
   static constexpr double kLo = -746.0, kHi = 710.0;
   static constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
@@ -59,7 +57,7 @@ struct ExpTraits<double> {
 // up to the overflow threshold stays in range. NaN stays NaN; beyond the clamps the scaling
 // overflows to inf or underflows to 0.
 template <typename T>
-PK_ROW_INLINE void exp_vec(typename ExpTraits<T>::V& x) {
+PK_SIMD_INLINE void exp_vec(typename ExpTraits<T>::V& x) {
   using E = ExpTraits<T>;
   using V = typename E::V;
   using I = typename E::I;
@@ -77,37 +75,6 @@ PK_ROW_INLINE void exp_vec(typename ExpTraits<T>::V& x) {
   const V scale2 = (V)((ni - half + E::kBias) << E::kMantissa);
   const V result = p * scale1 * scale2;
   x = x == x ? result : x;
-}
-
-template <typename T>
-using Vec = typename ExpTraits<T>::V;
-
-template <typename T>
-PK_ROW_INLINE Vec<T> load(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-PK_ROW_INLINE void store(T* p, const Vec<T>& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-// The first n < lanes elements, the rest zero (a row's last partial vector).
-template <typename T>
-PK_ROW_INLINE Vec<T> load_part(const T* p, int64_t n) {
-  Vec<T> v = {};
-  std::memcpy(&v, p, sizeof(T) * n);
-  return v;
-}
-template <typename T>
-PK_ROW_INLINE void store_part(T* p, const Vec<T>& v, int64_t n) {
-  std::memcpy(p, &v, sizeof(T) * n);
-}
-template <typename T>
-PK_ROW_INLINE T lane_sum(const Vec<T>& v) {
-  T total = T(0);
-  for (int l = 0; l < ExpTraits<T>::kLanes; ++l) total += v[l];
-  return total;
 }
 
 // Rows handled together: each A vector loaded serves this many rows.
@@ -130,7 +97,7 @@ struct RowOperands {
 // f[i][c] = factor of row o + i at the vector of columns k + c L: exp(s B[row] A[:, ..]) or
 // 1 + that (sb[i] = s B[o + i, :]).
 template <typename T, int NR>
-PK_ROW_INLINE void factor_vectors(const RowOperands<T>& a, const T* const* sb, int64_t k,
+PK_SIMD_INLINE void factor_vectors(const RowOperands<T>& a, const T* const* sb, int64_t k,
                                   Vec<T> (*f)[kColVectors]) {
   constexpr int L = ExpTraits<T>::kLanes;
   for (int i = 0; i < NR; ++i) {
@@ -157,7 +124,7 @@ PK_ROW_INLINE void factor_vectors(const RowOperands<T>& a, const T* const* sb, i
 
 // s * B[row, :] for NR rows starting at o, into sb_store (NR x r) and row pointers sb.
 template <typename T, int NR>
-PK_ROW_INLINE void scaled_b(const RowOperands<T>& a, int64_t o, T* sb_store, const T** sb) {
+PK_SIMD_INLINE void scaled_b(const RowOperands<T>& a, int64_t o, T* sb_store, const T** sb) {
   for (int i = 0; i < NR; ++i) {
     for (int64_t j = 0; j < a.r; ++j) sb_store[i * a.r + j] = a.s * a.B[(o + i) * a.r + j];
     sb[i] = sb_store + i * a.r;
@@ -167,7 +134,7 @@ PK_ROW_INLINE void scaled_b(const RowOperands<T>& a, int64_t o, T* sb_store, con
 // out rows [o, o + NR) = W * factor, kColVectors vectors of columns at a time with D in
 // registers.
 template <typename T, int NR>
-PK_ROW_INLINE void generate_tile(const RowOperands<T>& a, T* out, int64_t o, T* sb_store) {
+PK_SIMD_INLINE void generate_tile(const RowOperands<T>& a, T* out, int64_t o, T* sb_store) {
   constexpr int L = ExpTraits<T>::kLanes;
   const T* sb[NR];
   scaled_b<T, NR>(a, o, sb_store, sb);
@@ -190,7 +157,7 @@ PK_ROW_INLINE void generate_tile(const RowOperands<T>& a, T* out, int64_t o, T* 
 }
 
 template <typename T>
-PK_ROW_INLINE void generate_rows_body(const RowOperands<T>& a, T* out, int64_t begin,
+PK_SIMD_INLINE void generate_rows_body(const RowOperands<T>& a, T* out, int64_t begin,
                                       int64_t end) {
   std::vector<T> sb_store(static_cast<size_t>(kRowTile * a.r));
   int64_t o = begin;
@@ -210,7 +177,7 @@ struct GradArgs {
 // dB[row, j] = s sum_k M[row, k] A[j, k] and dA[j, :] += sum_rows s B[row, j] M[row, :]
 // (pass 2, kRankTile ranks per sweep over m).
 template <typename T, int NR>
-PK_ROW_INLINE void grad_tile(const GradArgs<T>& g, T* dA, int64_t o, T* m, T* sb_store) {
+PK_SIMD_INLINE void grad_tile(const GradArgs<T>& g, T* dA, int64_t o, T* m, T* sb_store) {
   constexpr int L = ExpTraits<T>::kLanes;
   const RowOperands<T>& a = g.op;
   const int64_t K = a.K, Kp = a.Kp, r = a.r;
@@ -251,13 +218,13 @@ PK_ROW_INLINE void grad_tile(const GradArgs<T>& g, T* dA, int64_t o, T* m, T* sb
       }
     }
     for (int i = 0; i < NR; ++i) {
-      for (int jj = 0; jj < nj; ++jj) g.dB[(o + i) * r + j0 + jj] = a.s * lane_sum<T>(acc[i][jj]);
+      for (int jj = 0; jj < nj; ++jj) g.dB[(o + i) * r + j0 + jj] = a.s * cpu::lane_sum<T>(acc[i][jj]);
     }
   }
 }
 
 template <typename T>
-PK_ROW_INLINE void grad_chunks_body(const GradArgs<T>& g, int64_t c0, int64_t c1) {
+PK_SIMD_INLINE void grad_chunks_body(const GradArgs<T>& g, int64_t c0, int64_t c1) {
   std::vector<T> m(static_cast<size_t>(kRowTile * g.op.Kp));
   std::vector<T> sb_store(static_cast<size_t>(kRowTile * g.op.r));
   for (int64_t c = c0; c < c1; ++c) {

@@ -14,6 +14,7 @@
 //           the number of threads.
 #include "kernels/sparse_delta_linear.h"
 #include "cpu/cpu_features.h"
+#include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -36,37 +37,23 @@ constexpr int64_t kTile = 32;  // tokens per tile
 constexpr int64_t kGradChunks = 16;
 constexpr int64_t kMaxPartial = int64_t{1} << 24;
 
-// 32-byte vectors (one AVX register): 8 floats or 4 doubles; kTile / kLanes of them per tile row.
+// 32-byte vectors (one AVX register, csrc/cpu/simd.h): 8 floats or 4 doubles; kTile / kLanes of
+// them per tile row.
 template <typename T>
-struct Vec32;
-template <>
-struct Vec32<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec32<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename T>
-using V = typename Vec32<T>::type;
-template <typename T>
-constexpr int64_t kLanes = 32 / sizeof(T);
+using V = cpu::Vec<T>;
+using cpu::kLanes;
 template <typename T>
 constexpr int64_t kParts = kTile / kLanes<T>;
 
-#define PK_INLINE __attribute__((always_inline)) inline
-// vload / vstore are always inlined, so the ABI of passing a vector by value never applies.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#define PK_INLINE PK_SIMD_INLINE
 
 template <typename T>
 PK_INLINE V<T> vload(const T* p) {
-  V<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+  return cpu::load(p);
 }
 template <typename T>
 PK_INLINE void vstore(T* p, V<T> v) {
-  std::memcpy(p, &v, sizeof(v));
+  cpu::store(p, v);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import torch
 
 # Modules that register cases on import; a new op adds its module here.
 CASE_MODULES = ["peft_kernels.bench.lora_linear", "peft_kernels.bench.expm",
-                "peft_kernels.bench.sparse_delta_linear", "peft_kernels.bench.lie"]
+                "peft_kernels.bench.sparse_delta_linear", "peft_kernels.bench.lie",
+                "peft_kernels.bench.truncated_svd", "peft_kernels.bench.select_ggm"]
 
 
 @dataclass
@@ -25,6 +26,9 @@ class Measured:
     error: Callable[[], float]  # relative max error of the kernel vs a float64 reference
     tolerance: float  # the correctness gate for `error`
     floor: Optional[Callable[[], object]] = None  # the physical floor (e.g. the frozen base layer)
+    # The baseline's own error by the same measure, where it is approximate too (reported
+    # side by side; not a gate).
+    baseline_error: Optional[Callable[[], float]] = None
 
 
 @dataclass

@@ -44,6 +44,8 @@ def run_case(case, reps: int) -> dict:
     err = measured.error()
     row["max_rel_error"] = err
     row["tolerance"] = measured.tolerance
+    if measured.baseline_error is not None:
+        row["baseline_rel_error"] = measured.baseline_error()
     if not err <= measured.tolerance:  # also catches NaN
         row["status"] = "WRONG"
         return row
@@ -73,6 +75,10 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
               _fmt(r.get("speedup"), ".2f") + ("x" if "speedup" in r else ""),
               _fmt(r.get("kernel_over_floor"), ".3f"), _fmt(r.get("baseline_over_floor"), ".3f"),
               f"{r['max_rel_error']:.1e}" + ("" if r["status"] == "ok" else " WRONG")] for r in rows]
+    if any(r.get("baseline_rel_error") is not None for r in rows):
+        head.append("base rel err")
+        for cells, r in zip(table, rows):
+            cells.append(_fmt(r.get("baseline_rel_error"), ".1e"))
     if any(r.get("kernel_peak_mb") is not None for r in rows):
         head.append("peak MiB base/kernel/floor")
         for cells, r in zip(table, rows):

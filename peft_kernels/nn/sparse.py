@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peft_kernels.nn._base import WrappedLinear
 from peft_kernels.ops.sparse_delta_linear import sparse_delta_linear
 
 
@@ -26,7 +27,7 @@ def _check_indices(indices: Tensor, out_features: int, in_features: int, where: 
     return idx
 
 
-class SparseDeltaLinear(nn.Module):
+class SparseDeltaLinear(WrappedLinear):
     """``y = x (W + Δ)ᵀ + b`` with ``base`` a frozen ``nn.Linear`` and Δ nonzero only at the flat
     row-major positions ``indices`` (a buffer), where it holds the trainable ``values``.
 
@@ -48,14 +49,6 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("indices", idx.to(device=self.base.weight.device))
         self.values = nn.Parameter(torch.zeros(idx.numel(), **factory))
         self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, indices: Tensor) -> "SparseDeltaLinear":
@@ -97,21 +90,8 @@ class SparseDeltaLinear(nn.Module):
         delta[self.indices] = self.values.detach()
         return delta.view(self.base.weight.shape)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add Δ into the base weight; forward then costs one plain linear."""
-        if self.merged:
-            raise RuntimeError("SparseDeltaLinear.merge: already merged")
-        self._add_to_base(self.values)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract Δ again (exact up to the rounding of the weight's dtype at the k entries)."""
-        if not self.merged:
-            raise RuntimeError("SparseDeltaLinear.unmerge: not merged")
-        self._add_to_base(-self.values)
-        self.merged = False
+    def _merge_delta(self) -> Tensor:
+        return self.values
 
     def _add_to_base(self, values: Tensor) -> None:
         flat = self.base.weight.view(-1)

@@ -1,0 +1,356 @@
+// CPU kernels of the batched truncated SVD (see csrc/kernels/truncated_svd.h).
+//
+// jacobi: the pairs of each round of the round-robin ordering are disjoint, so they are rotated
+// in any order, or in parallel, with the same result: a batch at least as large as the thread
+// count runs one matrix per thread, a smaller one parallelises each round's pairs. Either way a
+// matrix's result does not depend on the batch it came in or on the thread count. The pair's three
+// dot products come from one pass over both columns; columns are contiguous, vectorised through
+// GCC vector extensions with an AVX2 + FMA clone chosen at run time.
+#include "kernels/truncated_svd.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/simd.h"
+
+namespace peft_kernels {
+namespace {
+
+using cpu::kLanes;
+using cpu::load;
+using cpu::load_part;
+using cpu::store;
+using cpu::store_part;
+using cpu::Vec;
+
+struct PairDots {
+  double alpha, beta, gamma;
+};
+
+// |x|^2, |y|^2 and x . y over n elements, two vectors per step so each sum has two chains.
+template <typename T>
+PK_SIMD_INLINE void dots3(const T* __restrict x, const T* __restrict y, int64_t n, T& xx, T& yy,
+                          T& xy) {
+  constexpr int L = kLanes<T>;
+  Vec<T> sxx0 = {}, syy0 = {}, sxy0 = {}, sxx1 = {}, syy1 = {}, sxy1 = {};
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    const Vec<T> x0 = load(x + i), y0 = load(y + i), x1 = load(x + i + L), y1 = load(y + i + L);
+    sxx0 += x0 * x0;
+    syy0 += y0 * y0;
+    sxy0 += x0 * y0;
+    sxx1 += x1 * x1;
+    syy1 += y1 * y1;
+    sxy1 += x1 * y1;
+  }
+  for (; i < n; i += L) {
+    const int64_t w = std::min<int64_t>(L, n - i);
+    const Vec<T> x0 = w == L ? load(x + i) : load_part(x + i, w);
+    const Vec<T> y0 = w == L ? load(y + i) : load_part(y + i, w);
+    sxx0 += x0 * x0;
+    syy0 += y0 * y0;
+    sxy0 += x0 * y0;
+  }
+  xx = cpu::lane_sum<T>(sxx0 + sxx1);
+  yy = cpu::lane_sum<T>(syy0 + syy1);
+  xy = cpu::lane_sum<T>(sxy0 + sxy1);
+}
+
+// x <- c x - s y, y <- s x + c y over n elements.
+template <typename T>
+PK_SIMD_INLINE void rotate(T* __restrict x, T* __restrict y, int64_t n, T c, T s) {
+  constexpr int L = kLanes<T>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const Vec<T> xv = load(x + i), yv = load(y + i);
+    store(x + i, c * xv - s * yv);
+    store(y + i, s * xv + c * yv);
+  }
+  if (i < n) {
+    const int64_t w = n - i;
+    const Vec<T> xv = load_part(x + i, w), yv = load_part(y + i, w);
+    store_part(x + i, c * xv - s * yv, w);
+    store_part(y + i, s * xv + c * yv, w);
+  }
+}
+
+// x . y over n elements.
+template <typename T>
+PK_SIMD_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
+  constexpr int L = kLanes<T>;
+  Vec<T> s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    s0 += load(x + i) * load(y + i);
+    s1 += load(x + i + L) * load(y + i + L);
+  }
+  for (; i < n; i += L) {
+    const int64_t w = std::min<int64_t>(L, n - i);
+    s0 += (w == L ? load(x + i) : load_part(x + i, w)) * (w == L ? load(y + i) : load_part(y + i, w));
+  }
+  return cpu::lane_sum<T>(s0 + s1);
+}
+
+// y <- y - a x over n elements.
+template <typename T>
+PK_SIMD_INLINE void axpy_neg(T a, const T* __restrict x, T* __restrict y, int64_t n) {
+  constexpr int L = kLanes<T>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) store(y + i, load(y + i) - a * load(x + i));
+  for (; i < n; ++i) y[i] -= a * x[i];
+}
+
+template <typename T>
+struct JacobiMatrix {
+  T* x;  // [n, m]
+  T* v;  // [n, n]
+  int64_t m, n;
+  T tol;
+};
+
+// Rotates the pairs [pair_begin, pair_end) of one round; true if any pair rotated.
+template <typename T>
+PK_SIMD_INLINE bool rotate_pairs(const JacobiMatrix<T>& a, int64_t round, int64_t pair_begin,
+                                 int64_t pair_end) {
+  const int64_t n_even = a.n + (a.n & 1);
+  bool rotated = false;
+  for (int64_t i = pair_begin; i < pair_end; ++i) {
+    const int64_t i0 = svd::round_robin_index(i, round, n_even);
+    const int64_t i1 = svd::round_robin_index(n_even - 1 - i, round, n_even);
+    const int64_t p = std::min(i0, i1), q = std::max(i0, i1);
+    if (q >= a.n) continue;  // the odd-n padding index sits this round out
+    T* xp = a.x + p * a.m;
+    T* xq = a.x + q * a.m;
+    T alpha, beta, gamma;
+    dots3(xp, xq, a.m, alpha, beta, gamma);
+    if (!svd::needs_rotation(alpha, beta, gamma, a.tol)) continue;
+    const svd::Rotation<T> r = svd::jacobi_rotation(alpha, beta, gamma);
+    rotate(xp, xq, a.m, r.c, r.s);
+    rotate(a.v + p * a.n, a.v + q * a.n, a.n, r.c, r.s);
+    rotated = true;
+  }
+  return rotated;
+}
+
+template <typename T>
+bool rotate_pairs_generic(const JacobiMatrix<T>& a, int64_t round, int64_t b, int64_t e) {
+  return rotate_pairs(a, round, b, e);
+}
+#ifdef PK_X86_AVX2
+template <typename T>
+__attribute__((target("avx2,fma"))) bool rotate_pairs_avx2(const JacobiMatrix<T>& a,
+                                                          int64_t round, int64_t b, int64_t e) {
+  return rotate_pairs(a, round, b, e);
+}
+#endif
+
+template <typename T>
+using RotatePairs = bool (*)(const JacobiMatrix<T>&, int64_t, int64_t, int64_t);
+
+template <typename T>
+RotatePairs<T> pick_rotate_pairs() {
+#ifdef PK_X86_AVX2
+  if (cpu::have_avx2_fma()) return &rotate_pairs_avx2<T>;
+#endif
+  return &rotate_pairs_generic<T>;
+}
+
+// V = I; NaN everywhere and false if the matrix holds a non-finite value.
+template <typename T>
+bool prepare(const JacobiMatrix<T>& a) {
+  bool finite = true;
+  for (int64_t i = 0; i < a.n * a.m && finite; ++i) finite = std::isfinite(a.x[i]);
+  if (!finite) {
+    std::fill(a.x, a.x + a.n * a.m, std::numeric_limits<T>::quiet_NaN());
+    std::fill(a.v, a.v + a.n * a.n, std::numeric_limits<T>::quiet_NaN());
+    return false;
+  }
+  std::fill(a.v, a.v + a.n * a.n, T(0));
+  for (int64_t j = 0; j < a.n; ++j) a.v[j * a.n + j] = T(1);
+  return true;
+}
+
+// Sweeps one matrix; `round` runs one round's pairs (serially or split over threads).
+template <typename T, typename RunRound>
+int32_t sweep_matrix(const JacobiMatrix<T>& a, int max_sweeps, const RunRound& run_round) {
+  if (!prepare(a)) return svd::kNonFinite;
+  const int64_t n_even = a.n + (a.n & 1);
+  for (int sweep = 1; sweep <= max_sweeps; ++sweep) {
+    bool rotated = false;
+    for (int64_t round = 0; round < n_even - 1; ++round) rotated |= run_round(round);
+    if (!rotated) return sweep;
+  }
+  return svd::kNotConverged;
+}
+
+template <typename T>
+void jacobi_impl(const JacobiSvdParams& p) {
+  const RotatePairs<T> rotate_fn = pick_rotate_pairs<T>();
+  const int64_t n_even = p.n + (p.n & 1), pairs = n_even / 2;
+  auto matrix = [&](int64_t b) {
+    return JacobiMatrix<T>{static_cast<T*>(p.x) + b * p.n * p.m,
+                           static_cast<T*>(p.v) + b * p.n * p.n, p.m, p.n,
+                           static_cast<T>(p.tol)};
+  };
+  if (p.batch >= at::get_num_threads()) {
+    at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const JacobiMatrix<T> a = matrix(b);
+        p.sweeps[b] = sweep_matrix(a, p.max_sweeps, [&](int64_t round) {
+          return rotate_fn(a, round, 0, pairs);
+        });
+      }
+    });
+    return;
+  }
+  // Few matrices: a round's pairs in parallel, when a round has enough work to pay for it.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.m + p.n, 1));
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const JacobiMatrix<T> a = matrix(b);
+    p.sweeps[b] = sweep_matrix(a, p.max_sweeps, [&](int64_t round) {
+      std::vector<char> rotated(static_cast<size_t>(pairs), 0);
+      at::parallel_for(0, pairs, grain, [&](int64_t i0, int64_t i1) {
+        rotated[i0] = rotate_fn(a, round, i0, i1);
+      });
+      return std::any_of(rotated.begin(), rotated.end(), [](char r) { return r != 0; });
+    });
+  }
+}
+
+// c[i] = q_i . v for the 4 vectors q_0.. q_3 (rows of q with stride m), one pass over v.
+template <typename T>
+PK_SIMD_INLINE void dot4(const T* __restrict q, int64_t m, const T* __restrict v, T* c) {
+  constexpr int L = kLanes<T>;
+  Vec<T> s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t t = 0;
+  for (; t + L <= m; t += L) {
+    const Vec<T> x = load(v + t);
+    s0 += load(q + t) * x;
+    s1 += load(q + m + t) * x;
+    s2 += load(q + 2 * m + t) * x;
+    s3 += load(q + 3 * m + t) * x;
+  }
+  c[0] = cpu::lane_sum<T>(s0);
+  c[1] = cpu::lane_sum<T>(s1);
+  c[2] = cpu::lane_sum<T>(s2);
+  c[3] = cpu::lane_sum<T>(s3);
+  for (; t < m; ++t) {
+    c[0] += q[t] * v[t];
+    c[1] += q[m + t] * v[t];
+    c[2] += q[2 * m + t] * v[t];
+    c[3] += q[3 * m + t] * v[t];
+  }
+}
+
+// v -= sum_i c[i] q_i over the 4 vectors q_0.. q_3, one pass over v.
+template <typename T>
+PK_SIMD_INLINE void subtract4(const T* __restrict q, int64_t m, const T* c, T* __restrict v) {
+  constexpr int L = kLanes<T>;
+  int64_t t = 0;
+  for (; t + L <= m; t += L) {
+    store(v + t, load(v + t) - c[0] * load(q + t) - c[1] * load(q + m + t) -
+                     c[2] * load(q + 2 * m + t) - c[3] * load(q + 3 * m + t));
+  }
+  for (; t < m; ++t) v[t] -= c[0] * q[t] + c[1] * q[m + t] + c[2] * q[2 * m + t] + c[3] * q[3 * m + t];
+}
+
+// v minus its projection on q_0..q_{j-1}: classical Gram-Schmidt (all coefficients from the
+// same v, so four vectors share each pass over v), run twice ("twice is enough": Giraud,
+// Langou, Rozloznik and van den Eshof 2005).
+template <typename T>
+PK_SIMD_INLINE void project_out(const T* q, int64_t m, int64_t j, T* v, T* c) {
+  for (int pass = 0; pass < 2; ++pass) {
+    int64_t i = 0;
+    for (; i + 4 <= j; i += 4) dot4(q + i * m, m, v, c + i);
+    for (; i < j; ++i) c[i] = dot(q + i * m, v, m);
+    i = 0;
+    for (; i + 4 <= j; i += 4) subtract4(q + i * m, m, c + i, v);
+    for (; i < j; ++i) axpy_neg(c[i], q + i * m, v, m);
+  }
+}
+
+// The l vectors of one matrix, in order; a dependent vector is replaced.
+template <typename T>
+PK_SIMD_INLINE void orthonormalize_matrix(T* q, int64_t m, int64_t l, T threshold,
+                                          std::vector<T>& represented, std::vector<T>& coeffs) {
+  for (int64_t j = 0; j < l; ++j) {
+    T* qj = q + j * m;
+    const T norm0 = std::sqrt(dot(qj, qj, m));
+    project_out(q, m, j, qj, coeffs.data());
+    T norm = std::sqrt(dot(qj, qj, m));
+    if (!(norm > threshold * norm0) && !std::isnan(norm)) {
+      // e_t for the t least represented in q_0..q_{j-1}: its residual is at least (m - j) / m.
+      std::fill(represented.begin(), represented.end(), T(0));
+      for (int64_t i = 0; i < j; ++i) {
+        for (int64_t t = 0; t < m; ++t) represented[t] += q[i * m + t] * q[i * m + t];
+      }
+      const int64_t t = std::min_element(represented.begin(), represented.end()) -
+                        represented.begin();
+      std::fill(qj, qj + m, T(0));
+      qj[t] = T(1);
+      project_out(q, m, j, qj, coeffs.data());
+      norm = std::sqrt(dot(qj, qj, m));
+    }
+    const T inv = T(1) / norm;
+    for (int64_t t = 0; t < m; ++t) qj[t] *= inv;
+  }
+}
+
+template <typename T>
+PK_SIMD_INLINE void orthonormalize_rows_body(const OrthonormalizeParams& p, int64_t b0,
+                                             int64_t b1) {
+  std::vector<T> represented(static_cast<size_t>(p.m)), coeffs(static_cast<size_t>(p.l));
+  const T threshold = static_cast<T>(svd::dependence_threshold(sizeof(T) == 8));
+  for (int64_t b = b0; b < b1; ++b) {
+    orthonormalize_matrix(static_cast<T*>(p.q) + b * p.l * p.m, p.m, p.l, threshold, represented,
+                          coeffs);
+  }
+}
+template <typename T>
+void orthonormalize_rows(const OrthonormalizeParams& p, int64_t b0, int64_t b1) {
+  orthonormalize_rows_body<T>(p, b0, b1);
+}
+#ifdef PK_X86_AVX2
+template <typename T>
+__attribute__((target("avx2,fma"))) void orthonormalize_rows_avx2(const OrthonormalizeParams& p,
+                                                                 int64_t b0, int64_t b1) {
+  orthonormalize_rows_body<T>(p, b0, b1);
+}
+#endif
+
+template <typename T>
+void orthonormalize_impl(const OrthonormalizeParams& p) {
+  auto run = &orthonormalize_rows<T>;
+#ifdef PK_X86_AVX2
+  if (cpu::have_avx2_fma()) run = &orthonormalize_rows_avx2<T>;
+#endif
+  at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) { run(p, b0, b1); });
+}
+
+}  // namespace
+
+void jacobi_svd_cpu(const JacobiSvdParams& p) {
+  if (p.batch <= 0 || p.n <= 0) return;
+  switch (p.dtype) {
+    case DType::kFloat32: return jacobi_impl<float>(p);
+    case DType::kFloat64: return jacobi_impl<double>(p);
+    default: TORCH_CHECK(false, "truncated_svd: the CPU kernels support float32 and float64");
+  }
+}
+
+void orthonormalize_cpu(const OrthonormalizeParams& p) {
+  if (p.batch <= 0 || p.l <= 0) return;
+  switch (p.dtype) {
+    case DType::kFloat32: return orthonormalize_impl<float>(p);
+    case DType::kFloat64: return orthonormalize_impl<double>(p);
+    default: TORCH_CHECK(false, "truncated_svd: the CPU kernels support float32 and float64");
+  }
+}
+
+}  // namespace peft_kernels

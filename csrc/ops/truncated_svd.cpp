@@ -1,0 +1,203 @@
+// Torch-facing entry point of the batched truncated SVD (csrc/kernels/truncated_svd.h). The
+// kernels do the parts no library batches well: the Jacobi sweeps and the orthonormalisation of
+// many thin matrices. Products and the QR that reduces a tall matrix to its square triangle go
+// through ATen (MKL/LAPACK, cuBLAS/cuSOLVER).
+#include "ops/truncated_svd.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels/truncated_svd.h"
+#include "ops/common.h"
+
+namespace peft_kernels {
+namespace {
+
+constexpr const char* kOp = "truncated_svd";
+// Cyclic Jacobi converges quadratically once the off-diagonal mass is small; 6 to 12 sweeps is
+// typical, so this bound is only reached by a matrix that does not converge.
+constexpr int kMaxSweeps = 40;
+// The range finder's test matrix comes from this seed, so results are reproducible and a matrix
+// gives the same answer in any batch.
+constexpr uint64_t kSketchSeed = 0x5eed5eedULL;
+
+// Runs the Jacobi kernel in place on X [b, n, m] (columns as rows, m >= n); returns V's columns
+// as rows [b, n, n] and, if wanted, each matrix's sweep count or status.
+at::Tensor jacobi(at::Tensor& X, at::Tensor* sweeps_out = nullptr) {
+  const int64_t b = X.size(0), n = X.size(1), m = X.size(2);
+  at::Tensor V = at::empty({b, n, n}, X.options());
+  at::Tensor sweeps = at::empty({b}, X.options().dtype(at::kInt).device(X.device()));
+  const double eps = X.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                                    : std::numeric_limits<float>::epsilon();
+  JacobiSvdParams p;
+  p.x = X.mutable_data_ptr();
+  p.v = V.mutable_data_ptr();
+  p.sweeps = sweeps.mutable_data_ptr<int32_t>();
+  p.batch = b;
+  p.m = m;
+  p.n = n;
+  p.max_sweeps = kMaxSweeps;
+  p.tol = eps * std::sqrt(static_cast<double>(m));
+  p.dtype = kernel_dtype(X.scalar_type());
+  if (X.is_cuda()) {
+    PK_CUDA_LAUNCH(X, jacobi_svd_cuda(p, current_stream(X)));
+  } else {
+    jacobi_svd_cpu(p);
+  }
+  if (sweeps_out != nullptr) *sweeps_out = sweeps;
+  const int64_t failed = (sweeps == svd::kNotConverged).sum().item<int64_t>();
+  if (failed > 0) {
+    TORCH_WARN(kOp, ": ", failed, " of ", b, " matrices did not converge in ", kMaxSweeps,
+               " Jacobi sweeps; their singular values are accurate only to the last sweep's "
+               "orthogonality");
+  }
+  return V;
+}
+
+// Orthonormalises the rows of Q [b, l, m] in place, in order.
+void orthonormalize(at::Tensor& Q) {
+  OrthonormalizeParams p;
+  p.q = Q.mutable_data_ptr();
+  p.batch = Q.size(0);
+  p.l = Q.size(1);
+  p.m = Q.size(2);
+  p.dtype = kernel_dtype(Q.scalar_type());
+  if (Q.is_cuda()) {
+    PK_CUDA_LAUNCH(Q, orthonormalize_cuda(p, current_stream(Q)));
+  } else {
+    orthonormalize_cpu(p);
+  }
+}
+
+struct Triplets {
+  at::Tensor Ut, S, Vh;  // U's columns as rows [b, k, m], S [b, k], Vh [b, k, n]
+};
+
+// Top-k of the SVD of C [b, M, N], M >= N: QR first when M > N (Jacobi then runs on the N x N
+// triangle), the Jacobi kernel, then the k largest, with U's columns completed to an orthonormal
+// set where singular values are zero.
+Triplets svd_tall(const at::Tensor& C, int64_t k) {
+  const int64_t M = C.size(1), N = C.size(2);
+  at::Tensor Q, X;
+  if (M > N) {
+    auto qr = at::linalg_qr(C, "reduced");
+    Q = std::get<0>(qr);
+    X = std::get<1>(qr).transpose(1, 2).contiguous();  // R's columns as rows
+  } else {
+    X = C.transpose(1, 2).contiguous();
+  }
+  const at::Tensor V = jacobi(X);
+  const at::Tensor norms = at::linalg_vector_norm(X, 2, {-1});
+  const at::Tensor order = std::get<1>(norms.sort(/*stable=*/true, -1, /*descending=*/true))
+                               .narrow(-1, 0, k);
+  const at::Tensor S = norms.gather(-1, order);
+  const at::Tensor rows = order.unsqueeze(-1);
+  const at::Tensor S_safe = at::where(S > 0, S, at::ones_like(S)).unsqueeze(-1);
+  at::Tensor Ut = (X.gather(1, rows.expand({-1, -1, X.size(2)})) / S_safe).contiguous();
+  orthonormalize(Ut);  // zero columns get orthonormal completions; the rest are already unit
+  if (Q.defined()) Ut = at::matmul(Ut, Q.transpose(1, 2));
+  return {Ut, S, V.gather(1, rows.expand({-1, -1, N}))};
+}
+
+// Halko, Martinsson and Tropp (2011), Algorithm 4.4: the range of C [b, M, N] (M >= N) from
+// C Omega with l = k + oversample columns, niter subspace iterations with orthonormalisation
+// after every product, then the exact method on the l x N projection Q^T C.
+Triplets svd_randomized(const at::Tensor& C, int64_t k, int64_t niter, int64_t oversample) {
+  const int64_t N = C.size(2), l = std::min(k + oversample, N);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(kSketchSeed);
+  const at::Tensor omega =
+      at::randn({N, l}, gen, at::TensorOptions().dtype(at::kDouble)).to(C.options());
+  const at::Tensor Ct = C.transpose(1, 2);
+  at::Tensor Qt = at::matmul(omega.t(), Ct).contiguous();  // (C Omega)^T [b, l, M]
+  orthonormalize(Qt);
+  for (int64_t i = 0; i < niter; ++i) {
+    at::Tensor Zt = at::matmul(Qt, C).contiguous();  // (C^T Q)^T [b, l, N]
+    orthonormalize(Zt);
+    Qt = at::matmul(Zt, Ct).contiguous();
+    orthonormalize(Qt);
+  }
+  // B = Q^T C [b, l, N] is wide: its SVD is that of B^T (tall), U and V swapped.
+  const at::Tensor B = at::matmul(Qt, C);
+  const Triplets t = svd_tall(B.transpose(1, 2), k);
+  // B^T = U_t S Vh_t, so B = Vh_t^T S U_t^T and C ~ Q B: U = Q Vh_t^T, Vh = U_t^T.
+  return {at::matmul(t.Vh, Qt), t.S, t.Ut};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_columns(const at::Tensor& X) {
+  check_floating_input(kOp, "X", X);
+  TORCH_CHECK_VALUE(X.dim() == 3 && X.size(1) <= X.size(2), kOp,
+                    ": X must be [batch, n, m] with n <= m, got ", shape_str(X));
+  TORCH_CHECK_TYPE(X.scalar_type() == at::kFloat || X.scalar_type() == at::kDouble, kOp,
+                   ": the kernels take float32 or float64, got ", X.scalar_type());
+  at::Tensor out = X.contiguous().clone(), sweeps;
+  at::Tensor V = jacobi(out, &sweeps);
+  return {out, V, sweeps};
+}
+
+at::Tensor orthonormalize_rows(const at::Tensor& Q) {
+  check_floating_input(kOp, "Q", Q);
+  TORCH_CHECK_VALUE(Q.dim() == 3 && Q.size(1) <= Q.size(2), kOp,
+                    ": Q must be [batch, l, m] with l <= m, got ", shape_str(Q));
+  TORCH_CHECK_TYPE(Q.scalar_type() == at::kFloat || Q.scalar_type() == at::kDouble, kOp,
+                   ": the kernels take float32 or float64, got ", Q.scalar_type());
+  at::Tensor out = Q.contiguous().clone();
+  orthonormalize(out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A, int64_t k,
+                                                              int64_t niter, int64_t oversample,
+                                                              const std::string& method) {
+  check_floating_input(kOp, "A", A);
+  TORCH_CHECK_VALUE(A.dim() >= 2, kOp, ": A must be [..., m, n] (at least 2-D), got shape ",
+                    shape_str(A));
+  const int64_t m = A.size(-2), n = A.size(-1);
+  TORCH_CHECK_VALUE(k >= 1 && k <= std::min(m, n), kOp, ": k must be in [1, min(m, n)] = [1, ",
+                    std::min(m, n), "] for A of shape ", shape_str(A), ", got ", k);
+  TORCH_CHECK_VALUE(method == "jacobi" || method == "randomized", kOp,
+                    ": method must be 'jacobi' or 'randomized', got '", method, "'");
+  TORCH_CHECK_VALUE(niter >= 0, kOp, ": niter must be >= 0, got ", niter);
+  TORCH_CHECK_VALUE(oversample >= 0, kOp, ": oversample must be >= 0, got ", oversample);
+
+  std::vector<int64_t> batch_shape(A.sizes().begin(), A.sizes().end() - 2);
+  const int64_t batch = c10::multiply_integers(batch_shape);
+  const auto dtype = A.scalar_type();
+  const auto work = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  auto shaped = [&](const at::Tensor& t, int64_t rows, int64_t cols) {
+    std::vector<int64_t> shape = batch_shape;
+    shape.push_back(rows);
+    if (cols >= 0) shape.push_back(cols);
+    return t.to(dtype).reshape(shape).contiguous();
+  };
+  if (batch == 0) {
+    const auto opts = A.options();
+    return {shaped(at::empty({0, m, k}, opts), m, k), shaped(at::empty({0, k}, opts), k, -1),
+            shaped(at::empty({0, k, n}, opts), k, n)};
+  }
+  // Each matrix scaled to max |a_ij| = 1 (as LAPACK does), so squared column norms neither
+  // overflow nor underflow; S is scaled back. A non-finite or zero matrix keeps scale 1.
+  at::Tensor A3 = A.reshape({batch, m, n}).to(work);
+  const at::Tensor amax = A3.abs().amax({1, 2}, /*keepdim=*/true);
+  const at::Tensor scale = at::where(amax.isfinite() & (amax > 0), amax, at::ones_like(amax));
+  A3 = A3 / scale;
+  const bool wide = m < n;
+  const at::Tensor C = wide ? A3.transpose(1, 2) : A3;  // tall: M >= N
+  const Triplets t = method == "jacobi" ? svd_tall(C.contiguous(), k)
+                                        : svd_randomized(C.contiguous(), k, niter, oversample);
+  // Rows of U^T and Vh; for a wide A they trade places.
+  at::Tensor Ut = wide ? t.Vh : t.Ut, Vh = wide ? t.Ut : t.Vh;
+  // Sign convention: the largest-magnitude entry of each column of U is positive.
+  const at::Tensor pivot = Ut.abs().argmax(-1, /*keepdim=*/true);
+  const at::Tensor sign = at::where(Ut.gather(-1, pivot) < 0, -1.0, 1.0).to(work);
+  Ut = Ut * sign;
+  Vh = Vh * sign;
+  return {shaped(Ut.transpose(1, 2), m, k), shaped(t.S * scale.view({batch, 1}), k, -1),
+          shaped(Vh, k, n)};
+}
+
+}  // namespace peft_kernels

@@ -1,0 +1,123 @@
+"""Batched truncated SVD: an exact one-sided Jacobi kernel and a randomized range finder over it."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from peft_kernels._ext import C
+
+METHODS = ("auto", "jacobi", "randomized")
+DEFAULT_OVERSAMPLE = 10
+DEFAULT_NITER = 2
+# "auto" takes the exact method for matrices this small (min(m, n)), where a sketch saves little.
+AUTO_JACOBI_MAX_DIM = 64
+
+
+@torch.library.custom_op("peft_kernels::truncated_svd", mutates_args=())
+def _truncated_svd(A: Tensor, k: int, niter: int, oversample: int,
+                   method: str) -> tuple[Tensor, Tensor, Tensor]:
+    U, S, Vh = C().truncated_svd(A, k, niter, oversample, method)
+    return U, S, Vh
+
+
+@_truncated_svd.register_fake
+def _(A, k, niter, oversample, method):
+    batch, m, n = A.shape[:-2], A.shape[-2], A.shape[-1]
+    return (A.new_empty(*batch, m, k), A.new_empty(*batch, k), A.new_empty(*batch, k, n))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output)
+
+
+def _backward(ctx, gU: Optional[Tensor], gS: Optional[Tensor], gVh: Optional[Tensor]):
+    """The reduced-SVD gradient (as torch.linalg.svd's, real case):
+
+        gA = U [skew(Uᵀ gU) / E · S + S · skew(Vᵀ gV) / E + diag(gS)] Vᵀ
+             + (I − U Uᵀ) gU S⁻¹ Vᵀ + U S⁻¹ gVᵀ (I − V Vᵀ),   E_jk = S_k² − S_j² (j ≠ k).
+
+    The S term is exact for a truncated SVD too. The U and V terms are exact when the discarded
+    singular values are zero (rank(A) ≤ k, or k = min(m, n)); otherwise they leave out the
+    coupling to the discarded triplets, an error of order S_{k+1} / (S_k − S_{k+1}).
+    """
+    U, S, Vh = ctx.saved_tensors
+    if gU is None and gVh is None:
+        return (U * gS.unsqueeze(-2)) @ Vh, None, None, None, None
+    gU = torch.zeros_like(U) if gU is None else gU
+    gV = torch.zeros_like(Vh).mT if gVh is None else gVh.mT
+    UtgU = U.mT @ gU
+    VtgV = Vh @ gV
+    S2 = S * S
+    E = S2.unsqueeze(-2) - S2.unsqueeze(-1)
+    E = E + torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)  # diagonal: skew() is 0 there
+    inner = ((UtgU - UtgU.mT) / E) * S.unsqueeze(-2) + S.unsqueeze(-1) * ((VtgV - VtgV.mT) / E)
+    if gS is not None:
+        inner = inner + torch.diag_embed(gS)
+    S_row = S.unsqueeze(-2)
+    gA = U @ inner @ Vh
+    gA = gA + ((gU - U @ UtgU) / S_row) @ Vh
+    gA = gA + U @ ((gV - Vh.mT @ VtgV) / S_row).mT
+    return gA, None, None, None, None
+
+
+_truncated_svd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _resolve_method(method: str, m: int, n: int, k: int, oversample: int) -> str:
+    if method != "auto":
+        return method
+    p = min(m, n)
+    return "jacobi" if p <= AUTO_JACOBI_MAX_DIM or 2 * (k + oversample) >= p else "randomized"
+
+
+def truncated_svd(A: Tensor, k: int, *, niter: Optional[int] = None,
+                  oversample: Optional[int] = None,
+                  method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``k`` singular triplets of every matrix of ``A [..., m, n]``.
+
+    Returns ``U [..., m, k]``, ``S [..., k]`` (descending, non-negative) and ``Vh [..., k, n]``
+    with ``A ≈ U diag(S) Vh``. Sign convention: in every column of ``U`` the entry of largest
+    magnitude (the first, on ties) is positive, so results are reproducible across calls,
+    methods and devices up to rounding.
+
+    Methods:
+
+    - ``"jacobi"``: exact. A batched one-sided Jacobi kernel (a tall matrix is first reduced to
+      its square QR triangle, a wide one is transposed); at most 40 sweeps, with a warning for a
+      matrix that did not converge. Singular values to high relative accuracy.
+    - ``"randomized"``: Halko–Martinsson–Tropp range finder: ``l = k + oversample`` columns
+      (default ``oversample`` = 10) of ``A Ω`` for a fixed-seed Gaussian ``Ω``, ``niter``
+      (default 2) subspace iterations, every product orthonormalised in-kernel, then the Jacobi
+      kernel on the ``l × n`` projection. Accurate for decaying spectra; on a flat spectrum it
+      returns a good rank-``k`` approximation, not the exact top singular values.
+    - ``"auto"``: ``"jacobi"`` when ``min(m, n) <= 64`` or ``2 (k + oversample) >= min(m, n)``
+      (the sketch would not be much smaller than the matrix), ``"randomized"`` otherwise.
+
+    A matrix with a NaN or Inf gives NaN for that matrix only; zero and repeated singular values
+    are fine (the columns of ``U`` for zero singular values complete an orthonormal set).
+    Differentiable (see ``_backward`` for when the U / V gradients are exact).
+    CPU: float32, float64. CUDA: float32, float64, float16, bfloat16 (computed in float32).
+    """
+    if not isinstance(A, Tensor):
+        raise TypeError(f"truncated_svd: A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() < 2:
+        raise ValueError(f"truncated_svd: A must be [..., m, n] (at least 2-D), got shape "
+                         f"{tuple(A.shape)}")
+    if method not in METHODS:
+        raise ValueError(f"truncated_svd: method must be one of {METHODS}, got {method!r}")
+    for name, value in (("k", k), ("niter", niter), ("oversample", oversample)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"truncated_svd: {name} must be an int, got {type(value).__name__}")
+    m, n = A.shape[-2], A.shape[-1]
+    if not 1 <= k <= min(m, n):
+        raise ValueError(f"truncated_svd: k must be in [1, min(m, n)] = [1, {min(m, n)}] for A "
+                         f"of shape {tuple(A.shape)}, got {k}")
+    niter = DEFAULT_NITER if niter is None else niter
+    oversample = DEFAULT_OVERSAMPLE if oversample is None else oversample
+    if niter < 0:
+        raise ValueError(f"truncated_svd: niter must be >= 0, got {niter}")
+    if oversample < 0:
+        raise ValueError(f"truncated_svd: oversample must be >= 0, got {oversample}")
+    return _truncated_svd(A, k, niter, oversample, _resolve_method(method, m, n, k, oversample))

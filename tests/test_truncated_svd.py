@@ -1,0 +1,325 @@
+"""pk.ops.truncated_svd against numpy's LAPACK SVD (float64): exact Jacobi accuracy over shapes and
+hard spectra, randomized accuracy on decaying spectra, the kernels on their own, gradients,
+NaN isolation, opcheck, compile and bad inputs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import peft_kernels as pk
+from peft_kernels import reference
+from peft_kernels._ext import C
+from peft_kernels.ops.truncated_svd import _resolve_method, _truncated_svd
+from tolerances import SVD_TOLERANCES
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def with_spectrum(m: int, n: int, s, seed: int = 0, batch=()) -> torch.Tensor:
+    """float64 U diag(s) Vᵀ with Haar-random U, V."""
+    g = torch.Generator().manual_seed(seed)
+    p = len(s)
+    U, _ = torch.linalg.qr(torch.randn(*batch, m, p, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(*batch, n, p, generator=g, dtype=torch.float64))
+    return (U * torch.as_tensor(s, dtype=torch.float64)) @ V.mT
+
+
+def random_matrix(shape, seed=0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def check_svd(A: torch.Tensor, U, S, Vh, k: int, dtype, values=True):
+    """S against LAPACK, U and V orthonormal, A V = U S, relative to S_max."""
+    tol = SVD_TOLERANCES[dtype]
+    A64 = A.detach().double().cpu()
+    _, S_ref, _ = reference.truncated_svd(A64, k)
+    U, S, Vh = U.double().cpu(), S.double().cpu(), Vh.double().cpu()
+    assert U.shape == A.shape[:-1] + (k,) and S.shape == A.shape[:-2] + (k,)
+    assert Vh.shape == A.shape[:-2] + (k, A.shape[-1])
+    scale = S_ref.amax(-1, keepdim=True).clamp_min(1e-300)
+    if values:
+        assert ((S - S_ref).abs() / scale).max() <= tol["values"]
+    assert (S[..., 1:] <= S[..., :-1]).all() and (S >= 0).all()
+    eye = torch.eye(k, dtype=torch.float64)
+    assert (U.mT @ U - eye).abs().max() <= tol["orthonormal"]
+    assert (Vh @ Vh.mT - eye).abs().max() <= tol["orthonormal"]
+    residual = A64 @ Vh.mT - U * S.unsqueeze(-2)
+    assert (residual.abs().amax((-2, -1)) / scale.squeeze(-1)).max() <= tol["residual"]
+
+
+# ------------------------------------------------------------------------------------ jacobi
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,k", [((5, 5), 5), ((40, 30), 30), ((40, 30), 7), ((30, 50), 12),
+                                     ((64, 64), 64), ((1, 7), 1), ((7, 1), 1), ((3, 4, 20, 12), 5),
+                                     ((2, 97, 33), 33), ((33, 65), 33)])
+def test_jacobi_matches_lapack(device, dtype, shape, k):
+    A = random_matrix(shape, seed=sum(shape) + k)
+    U, S, Vh = pk.ops.truncated_svd(A.to(device, dtype), k, method="jacobi")
+    assert U.dtype == S.dtype == Vh.dtype == dtype and U.device.type == device
+    check_svd(A.to(dtype), U, S, Vh, k, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_jacobi_vectors_follow_the_sign_convention(device, dtype):
+    # Well-separated spectrum: the vectors are unique up to sign, and the convention fixes it.
+    A = with_spectrum(30, 20, [2.0 ** -i for i in range(20)], seed=3)
+    U, S, Vh = pk.ops.truncated_svd(A.to(device, dtype), 6, method="jacobi")
+    U_ref, _, Vh_ref = reference.truncated_svd(A, 6)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert (U.double().cpu() - U_ref).abs().max() <= tol
+    assert (Vh.double().cpu() - Vh_ref).abs().max() <= tol
+
+
+HARD = {
+    "zero": lambda: torch.zeros(12, 9, dtype=torch.float64),
+    "rank1": lambda: with_spectrum(12, 9, [3.0]),
+    "repeated": lambda: with_spectrum(12, 9, [2.0, 2.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]),
+    "clustered": lambda: with_spectrum(12, 9, [1.0 + 1e-9 * i for i in range(9)]),
+    "graded": lambda: with_spectrum(12, 9, [10.0 ** -i for i in range(9)]),
+    "rank_deficient": lambda: with_spectrum(12, 9, [5.0, 4.0, 3.0]),
+    "tiny": lambda: 1e-200 * random_matrix((12, 9)),
+    "huge": lambda: 1e200 * random_matrix((12, 9)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", sorted(HARD))
+@pytest.mark.parametrize("k", [3, 9])
+def test_jacobi_hard_spectra(device, dtype, kind, k):
+    if dtype == torch.float32 and kind in ("tiny", "huge"):
+        pytest.skip("outside float32's range")
+    A = HARD[kind]().to(dtype)
+    U, S, Vh = pk.ops.truncated_svd(A.to(device), k, method="jacobi")
+    check_svd(A, U, S, Vh, k, dtype)
+    if kind == "zero":
+        assert (S == 0).all()
+
+
+def test_jacobi_graded_small_values_relative(device):
+    # Column scaling A = B D with B well conditioned: one-sided Jacobi keeps every singular value
+    # to high relative accuracy, the small ones included.
+    B = with_spectrum(20, 8, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], seed=5)
+    A = B * torch.tensor([10.0 ** -i for i in range(8)], dtype=torch.float64)
+    _, S, _ = pk.ops.truncated_svd(A.to(device), 8, method="jacobi")
+    S_ref = torch.from_numpy(np.linalg.svd(A.numpy(), compute_uv=False))
+    assert ((S.cpu() - S_ref).abs() / S_ref).max() <= 1e-12
+
+
+def test_jacobi_mixed_batch_and_noncontiguous(device):
+    parts = [HARD["zero"](), HARD["rank1"](), HARD["graded"](), random_matrix((12, 9), seed=9)]
+    A = torch.stack(parts).to(device)
+    U, S, Vh = pk.ops.truncated_svd(A, 4, method="jacobi")
+    check_svd(A, U, S, Vh, 4, torch.float64)
+    At = torch.stack(parts).mT.contiguous().mT.to(device)  # same values, column-major strides
+    assert not At.is_contiguous()
+    U2, S2, Vh2 = pk.ops.truncated_svd(At, 4, method="jacobi")
+    torch.testing.assert_close(S2, S, rtol=0, atol=1e-13)
+
+
+def test_result_does_not_depend_on_the_batch(device):
+    # One matrix alone (a round's pairs split over threads) and in a batch (one matrix per
+    # thread) run the same rotations in the same order: bitwise equal.
+    A = random_matrix((6, 48, 40), seed=11).to(device)
+    U, S, Vh = pk.ops.truncated_svd(A, 10, method="jacobi")
+    U1, S1, Vh1 = pk.ops.truncated_svd(A[2:3], 10, method="jacobi")
+    assert torch.equal(S1[0], S[2]) and torch.equal(U1[0], U[2]) and torch.equal(Vh1[0], Vh[2])
+
+
+def test_nan_isolated_to_its_matrix(device):
+    A = random_matrix((3, 10, 8), seed=2)
+    A[1, 2, 3] = float("nan")
+    A[2, 0, 0] = float("inf")
+    A = A.to(device)
+    for method in ("jacobi", "randomized"):
+        U, S, Vh = pk.ops.truncated_svd(A, 4, method=method, oversample=2)
+        assert torch.isnan(S[1]).all() and torch.isnan(U[1]).all() and torch.isnan(Vh[1]).all()
+        assert torch.isnan(S[2]).all()
+        assert torch.isfinite(S[0]).all() and torch.isfinite(U[0]).all()
+
+
+def test_empty_batch(device):
+    U, S, Vh = pk.ops.truncated_svd(torch.zeros(0, 6, 5, device=device), 2)
+    assert U.shape == (0, 6, 2) and S.shape == (0, 2) and Vh.shape == (0, 2, 5)
+
+
+# -------------------------------------------------------------------------------- randomized
+
+
+def decaying(m, n, batch=(), rate=0.7, seed=0):
+    return with_spectrum(m, n, [rate ** i for i in range(min(m, n))], seed=seed, batch=batch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,k", [((200, 150), 10), ((150, 260), 8), ((3, 300, 300), 16)])
+def test_randomized_decaying_spectrum(device, dtype, shape, k):
+    # Defaults (oversample 10, niter 2): top-k values within 1e-3 relative and the rank-k
+    # reconstruction within 1% of the optimum (Eckart-Young), the specification.
+    A = decaying(shape[-2], shape[-1], batch=shape[:-2], seed=k)
+    U, S, Vh = pk.ops.truncated_svd(A.to(device, dtype), k, method="randomized")
+    s_all = torch.linalg.svdvals(A)
+    assert ((S.double().cpu() - s_all[..., :k]).abs() / s_all[..., :k]).max() <= 1e-3
+    err = torch.linalg.matrix_norm(A - (U.double().cpu() * S.double().cpu().unsqueeze(-2)) @ Vh.double().cpu())
+    optimal = s_all[..., k:].square().sum(-1).sqrt()
+    assert (err / optimal).max() <= 1.01
+    eye = torch.eye(k, dtype=torch.float64)
+    orth_tol = SVD_TOLERANCES[dtype]["orthonormal"]
+    assert (U.double().cpu().mT @ U.double().cpu() - eye).abs().max() <= orth_tol
+    assert (Vh.double().cpu() @ Vh.double().cpu().mT - eye).abs().max() <= orth_tol
+
+
+def test_randomized_flat_spectrum_bound(device):
+    # A flat spectrum (Gaussian matrix) is the sketch's worst case: the top values are not
+    # resolved, but the rank-k approximation stays within 10% of the optimal error (measured
+    # 1.02-1.03 at these shapes with the defaults).
+    A = random_matrix((4, 300, 200), seed=4)
+    U, S, Vh = pk.ops.truncated_svd(A.to(device), 10, method="randomized")
+    s_all = torch.linalg.svdvals(A)
+    err = torch.linalg.matrix_norm(A - (U.cpu() * S.cpu().unsqueeze(-2)) @ Vh.cpu())
+    assert (err / s_all[..., 10:].square().sum(-1).sqrt()).max() <= 1.10
+
+
+def test_randomized_is_deterministic_and_batch_independent(device):
+    A = decaying(120, 90, batch=(3,), seed=8).to(device)
+    U, S, Vh = pk.ops.truncated_svd(A, 5, method="randomized")
+    U1, S1, Vh1 = pk.ops.truncated_svd(A[1:2], 5, method="randomized")
+    torch.testing.assert_close(S1[0], S[1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(U1[0], U[1], rtol=0, atol=1e-12)
+    U2, S2, Vh2 = pk.ops.truncated_svd(A, 5, method="randomized")
+    assert torch.equal(S2, S) and torch.equal(U2, U)
+
+
+def test_auto_rules():
+    assert _resolve_method("auto", 64, 64, 64, 10) == "jacobi"
+    assert _resolve_method("auto", 768, 768, 10, 10) == "randomized"
+    assert _resolve_method("auto", 4096, 11008, 16, 10) == "randomized"
+    assert _resolve_method("auto", 200, 100, 40, 10) == "jacobi"  # sketch of 50 of 100
+    assert _resolve_method("jacobi", 768, 768, 10, 10) == "jacobi"
+
+
+# ----------------------------------------------------------------------------- the kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_orthonormalize_kernel(device, dtype):
+    g = torch.Generator().manual_seed(0)
+    Q = torch.randn(4, 6, 30, generator=g, dtype=torch.float64)
+    Q[1, 3] = Q[1, 0] * 2 - Q[1, 1]  # dependent on the rows before it
+    Q[2, 0] = 0.0  # zero
+    Q[3, 2] = Q[3, 1]  # repeated
+    out = C().svd_orthonormalize_rows(Q.to(device, dtype)).double().cpu()
+    tol = SVD_TOLERANCES[dtype]["orthonormal"]
+    assert (out @ out.mT - torch.eye(6, dtype=torch.float64)).abs().max() <= tol
+    # Row j of an independent input lies in the span of input rows 0..j (Gram-Schmidt order).
+    for j in range(6):
+        basis = Q[0, : j + 1]
+        P = basis.mT @ torch.linalg.pinv(basis.mT)
+        assert (P @ out[0, j] - out[0, j]).abs().max() <= 10 * tol
+
+
+def test_orthonormalize_kernel_full_and_nan(device):
+    Q = torch.zeros(2, 5, 5, dtype=torch.float64)  # all dependent: completed to a basis
+    Q[1, 0, 0] = float("nan")
+    out = C().svd_orthonormalize_rows(Q.to(device)).cpu()
+    assert (out[0] @ out[0].mT - torch.eye(5, dtype=torch.float64)).abs().max() <= 1e-12
+    assert torch.isnan(out[1, 0]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_jacobi_kernel_sweeps_and_status(device, dtype):
+    X = random_matrix((3, 16, 40), seed=1)
+    X[2, 0, 0] = float("nan")
+    out, V, sweeps = C().svd_jacobi_columns(X.to(device, dtype))
+    sweeps = sweeps.cpu()
+    assert 2 <= sweeps[0] <= 15 and 2 <= sweeps[1] <= 15
+    assert sweeps[2] == -2  # svd::kNonFinite
+    out, V = out.double().cpu(), V.double().cpu()
+    # out = A V with V orthogonal (rows of V are its columns), out's rows mutually orthogonal.
+    torch.testing.assert_close(out[:2], V[:2] @ X[:2], rtol=0, atol=SVD_TOLERANCES[dtype]["residual"] * 10)
+    gram = out[:2] @ out[:2].mT
+    off = gram - torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1))
+    assert off.abs().max() <= SVD_TOLERANCES[dtype]["orthonormal"] * gram.abs().max()
+
+
+# ------------------------------------------------------------------------------ gradients
+
+
+def _loss_parts(A, k):
+    U, S, Vh = pk.ops.truncated_svd(A, k, method="jacobi")
+    return U, S, Vh
+
+
+@pytest.mark.parametrize("shape,k", [((6, 4), 4), ((4, 6), 4), ((2, 5, 5), 5)])
+def test_gradcheck_full_rank(shape, k):
+    # k = min(m, n): the reduced-SVD gradient is exact; spectrum well separated.
+    A = with_spectrum(shape[-2], shape[-1], [4.0, 3.0, 2.0, 1.0, 0.5][:min(shape[-2:])],
+                      seed=1, batch=shape[:-2]).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: _loss_parts(a, k), (A,), atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_truncated_rank_k():
+    # rank(A) = k < min(m, n): the complement-projector terms are exact there too.
+    A = with_spectrum(7, 5, [3.0, 2.0, 1.0], seed=2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: _loss_parts(a, 3), (A,), atol=1e-6, rtol=1e-4)
+
+
+def test_singular_value_gradient_exact_when_truncated():
+    A = random_matrix((9, 7), seed=6).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: _loss_parts(a, 3)[1], (A,), atol=1e-7, rtol=1e-5)
+
+
+def test_gradient_matches_torch_linalg_svd():
+    A = with_spectrum(8, 6, [5.0, 4.0, 3.0, 2.0, 1.0, 0.5], seed=3).requires_grad_()
+    A2 = A.detach().clone().requires_grad_()
+    U, S, Vh = pk.ops.truncated_svd(A, 6, method="jacobi")
+    U2, S2, Vh2 = torch.linalg.svd(A2, full_matrices=False)
+    sign = torch.sign((U * U2).sum(0)).detach()  # align torch's signs to ours
+    g = torch.Generator().manual_seed(0)
+    wU, wS, wV = (torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64),
+                  torch.randn(6, 6, generator=g, dtype=torch.float64))
+    ((U * wU).sum() + (S * wS).sum() + (Vh * wV).sum()).backward()
+    ((U2 * sign * wU).sum() + (S2 * wS).sum() + (Vh2 * sign.unsqueeze(-1) * wV).sum()).backward()
+    torch.testing.assert_close(A.grad, A2.grad, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------- registration, compile
+
+
+def test_opcheck():
+    A = random_matrix((2, 9, 7), seed=3)
+    torch.library.opcheck(_truncated_svd, (A, 3, 2, 4, "jacobi"))
+    torch.library.opcheck(_truncated_svd, (A.float(), 3, 2, 2, "randomized"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph():
+    A = random_matrix((2, 9, 7), seed=4)
+
+    def rank3(a):
+        U, S, Vh = pk.ops.truncated_svd(a, 3, method="jacobi")
+        return (U * S.unsqueeze(-2)) @ Vh
+
+    compiled = torch.compile(rank3, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(A), rank3(A))
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("call,exc,text", [
+    (lambda A: pk.ops.truncated_svd(A, 0), ValueError, "k must be"),
+    (lambda A: pk.ops.truncated_svd(A, 7), ValueError, "k must be"),
+    (lambda A: pk.ops.truncated_svd(A, 2.0), TypeError, "k must be an int"),
+    (lambda A: pk.ops.truncated_svd(A[0, 0], 1), ValueError, "at least 2-D"),
+    (lambda A: pk.ops.truncated_svd(A, 2, method="qr"), ValueError, "method must be"),
+    (lambda A: pk.ops.truncated_svd(A, 2, niter=-1), ValueError, "niter"),
+    (lambda A: pk.ops.truncated_svd(A, 2, oversample=-1), ValueError, "oversample"),
+    (lambda A: pk.ops.truncated_svd(A.int(), 2), TypeError, "A must be"),
+    (lambda A: pk.ops.truncated_svd(A.numpy(), 2), TypeError, "torch.Tensor"),
+])
+def test_bad_inputs(call, exc, text):
+    A = random_matrix((2, 8, 6))
+    with pytest.raises(exc, match=text):
+        call(A)
