@@ -179,12 +179,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
     return {shaped(at::empty({0, m, k}, opts), m, k), shaped(at::empty({0, k}, opts), k, -1),
             shaped(at::empty({0, k, n}, opts), k, n)};
   }
-  // Each matrix scaled to max |a_ij| = 1 (as LAPACK does), so squared column norms neither
-  // overflow nor underflow; S is scaled back. A non-finite or zero matrix keeps scale 1.
+  // A matrix whose largest entry lies outside [1e-15, 1e15] is scaled to max |a_ij| = 1 (as
+  // LAPACK does), so squared norms neither overflow nor underflow, even in float32; S is scaled
+  // back. Others are used as they are: scaling every matrix would copy the whole input.
   at::Tensor A3 = A.reshape({batch, m, n}).to(work);
-  const at::Tensor amax = A3.abs().amax({1, 2}, /*keepdim=*/true);
-  const at::Tensor scale = at::where(amax.isfinite() & (amax > 0), amax, at::ones_like(amax));
-  A3 = A3 / scale;
+  const at::Tensor amax = at::linalg_vector_norm(A3, INFINITY, {1, 2}, /*keepdim=*/true);
+  const at::Tensor extreme = amax.isfinite() & (amax > 0) & ((amax < 1e-15) | (amax > 1e15));
+  const at::Tensor scale = at::where(extreme, amax, at::ones_like(amax));
+  if (extreme.any().item<bool>()) A3 = A3 / scale;
   const bool wide = m < n;
   const at::Tensor C = wide ? A3.transpose(1, 2) : A3;  // tall: M >= N
   const Triplets t = method == "jacobi" ? svd_tall(C.contiguous(), k)
