@@ -21,25 +21,16 @@ import torch
 from torch import nn
 
 import peft_kernels as pk
+import toy_task
 from peft_kernels.select import NodeScorer, apply_allocation, ggm_allocate, ggm_statistics
 
 
-def make_task(seed: int, n: int, dim: int = 32, classes: int = 10, shift: float = 0.0):
-    g = torch.Generator().manual_seed(1234)
-    protos = torch.randn(classes, dim, generator=g) * 2.0
-    if shift:
-        protos = protos + shift * torch.randn(classes, dim, generator=torch.Generator().manual_seed(99))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    x = protos[y] + torch.randn(n, dim, generator=g) * 3.0
-    # A fixed nonlinear warp makes the task need the hidden layers.
-    warp = torch.randn(dim, dim, generator=torch.Generator().manual_seed(7 + int(shift > 0)))
-    return torch.tanh(x @ warp / 6), y
+def make_task(seed: int, n: int, shift: float = 0.0):
+    return toy_task.make_task(seed, n, dim=32, shift=shift, warp_scale=6.0)
 
 
-def mlp(dim=32, hidden=64, classes=10):
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                         nn.Linear(hidden, classes))
+def mlp():
+    return toy_task.mlp(dim=32, hidden=64)
 
 
 def train(model, x, y, steps, lr, seed=0):
