@@ -102,3 +102,50 @@ def test_bad_arguments():
         pk.nn.SparseDeltaLinear.from_mask(linear, torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
         pk.nn.SparseDeltaLinear.from_mask(linear, torch.ones(3, 4))
+
+
+def test_regrow_drops_smallest_and_grows_largest_scores(device):
+    layer, _ = make_layer(device=device)
+    k = layer.values.numel()
+    with torch.no_grad():
+        layer.values.copy_(torch.linspace(-1, 1, k, device=device))  # |value| smallest mid-range
+    old_idx, old_val = layer.indices.clone(), layer.values.detach().clone()
+    scores = torch.rand(layer.base.weight.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    n = round(0.25 * k)
+    grown_pos = layer.regrow(scores, fraction=0.25)
+    assert layer.values.numel() == k and layer.indices.numel() == k
+    assert torch.equal(layer.indices, torch.sort(layer.indices).values)
+    assert torch.unique(layer.indices).numel() == k
+    # The kept entries are the k - n of largest |value|, with their values.
+    kept_ref = old_idx[torch.sort(old_val.abs(), stable=True).indices[n:]]
+    new_map = dict(zip(layer.indices.tolist(), layer.values.detach().tolist()))
+    for i, v in zip(old_idx.tolist(), old_val.tolist()):
+        if i in set(kept_ref.tolist()):
+            assert new_map[i] == v
+    # The grown ones are the n best-scored positions outside the kept set, starting at zero.
+    cand = scores.reshape(-1).double().clone()
+    cand[kept_ref] = -float("inf")
+    want = set(torch.topk(cand, n).indices.tolist())
+    assert set(layer.indices[grown_pos].tolist()) == want
+    assert (layer.values.detach()[grown_pos] == 0).all()
+    # The layer still computes x (W + Δ)ᵀ + b for its new entries.
+    x = torch.randn(5, layer.in_features, device=device)
+    expected = R.sparse_delta_linear(x, layer.base.weight, layer.indices, layer.values.detach(),
+                                     layer.base.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=2e-4, atol=2e-4)
+
+
+def test_regrow_bad_arguments():
+    layer, _ = make_layer()
+    good = torch.rand(layer.base.weight.shape)
+    with pytest.raises(ValueError, match="fraction"):
+        layer.regrow(good, fraction=1.5)
+    with pytest.raises(ValueError, match="shape"):
+        layer.regrow(good[:3])
+    with pytest.raises(TypeError, match="scores"):
+        layer.regrow(good.long())
+    with pytest.raises(ValueError, match="finite"):
+        layer.regrow(torch.full_like(good, float("nan")))
+    layer.merge()
+    with pytest.raises(RuntimeError, match="merged"):
+        layer.regrow(good)

@@ -93,6 +93,40 @@ class SparseDeltaLinear(WrappedLinear):
     def _merge_delta(self) -> Tensor:
         return self.values
 
+    @torch.no_grad()
+    def regrow(self, scores: Tensor, fraction: float = 0.1) -> Tensor:
+        """SpIEL-style update of the entry set, k unchanged: drop the ``round(fraction · k)``
+        entries of smallest ``|value|`` (the first in index order on ties) and grow as many new
+        ones where ``scores`` (the weight's shape, e.g. accumulated ``|∇W|`` over some steps) is
+        largest among the positions not kept. Kept entries keep their values; grown ones start at
+        zero. ``values`` becomes a new Parameter: rebuild the optimizer (its state was per entry).
+        Returns the positions (into the new ``indices``) of the grown entries."""
+        if self.merged:
+            raise RuntimeError("SparseDeltaLinear.regrow: the layer is merged; unmerge() it first")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"SparseDeltaLinear.regrow: fraction must be in [0, 1], got {fraction!r}")
+        if not isinstance(scores, Tensor) or not scores.is_floating_point():
+            raise TypeError("SparseDeltaLinear.regrow: scores must be a floating-point tensor")
+        if tuple(scores.shape) != tuple(self.base.weight.shape):
+            raise ValueError(f"SparseDeltaLinear.regrow: scores must have the weight's shape "
+                             f"{tuple(self.base.weight.shape)}, got {tuple(scores.shape)}")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("SparseDeltaLinear.regrow: scores must be finite")
+        k = self.values.numel()
+        n_swap = min(int(round(fraction * k)), self.in_features * self.out_features - k)
+        # Stable sort on |value|: ties drop the entry with the smaller index first.
+        order = torch.sort(self.values.detach().abs(), stable=True).indices
+        keep = torch.sort(order[n_swap:]).values
+        kept = self.indices[keep]
+        candidates = scores.detach().reshape(-1).to(self.indices.device, torch.float64).clone()
+        candidates[kept] = -float("inf")
+        grown = torch.topk(candidates, n_swap).indices if n_swap else kept[:0]
+        new_indices, perm = torch.sort(torch.cat([kept, grown]))
+        new_values = torch.cat([self.values.detach()[keep], self.values.new_zeros(n_swap)])[perm]
+        self.indices = new_indices
+        self.values = nn.Parameter(new_values, requires_grad=self.values.requires_grad)
+        return (perm >= k - n_swap).nonzero().squeeze(1)
+
     def _add_to_base(self, values: Tensor) -> None:
         flat = self.base.weight.view(-1)
         compute = torch.promote_types(flat.dtype, torch.float32)
