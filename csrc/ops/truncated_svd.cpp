@@ -29,7 +29,7 @@ constexpr uint64_t kSketchSeed = 0x5eed5eedULL;
 at::Tensor jacobi(at::Tensor& X, at::Tensor* sweeps_out = nullptr) {
   const int64_t b = X.size(0), n = X.size(1), m = X.size(2);
   at::Tensor V = at::empty({b, n, n}, X.options());
-  at::Tensor sweeps = at::empty({b}, X.options().dtype(at::kInt).device(X.device()));
+  at::Tensor sweeps = at::empty({b}, X.options().dtype(at::kInt));
   const double eps = X.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                     : std::numeric_limits<float>::epsilon();
   JacobiSvdParams p;
