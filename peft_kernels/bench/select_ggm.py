@@ -17,9 +17,10 @@ from peft_kernels.select.ggm import ggm_allocate
 
 
 def published_ggm_loop(samples, budget, *, n_important=30, lam=1000.0, tau=20.0, g=0.9,
-                       iters=50, tol=1e-6, eps=1e-3, ascent_steps=3):
+                       iters=50, tol=1e-6, eps=1e-3, ascent_steps=3, return_scores=False):
     """The published allocation written out plainly in float64 (the benchmark's baseline and an
-    independent check of pk.select.ggm_allocate): returns the sorted selected node indices.
+    independent check of pk.select.ggm_allocate): returns the sorted selected node indices (and
+    the per-node scores ``‖Ω_{I,j}‖₂``, +inf on I, with ``return_scores=True``).
 
     Preprocess (log, clamp ±200, unit rows, covariance and mean), I = top n_important by mean,
     Ω = pinv(S + εI); then per outer iteration the column-wise generalised soft thresholding of
@@ -89,7 +90,8 @@ def published_ggm_loop(samples, budget, *, n_important=30, lam=1000.0, tau=20.0,
     scores = torch.norm(omega[important], dim=0)
     scores[important] = math.inf
     chosen = torch.argsort(scores, descending=True, stable=True)[:budget]
-    return torch.sort(chosen).values.cpu()
+    selected = torch.sort(chosen).values.cpu()
+    return (selected, scores.cpu()) if return_scores else selected
 
 
 def warmup_like_samples(steps, nodes, *, factors=8, seed=0):
