@@ -43,4 +43,5 @@ def test_case(benchmark, case, role):
         fn()
         synchronize(case.device)
 
-    benchmark.pedantic(run, rounds=8, warmup_rounds=1, iterations=1)
+    rounds = 8 if case.max_reps is None else min(8, case.max_reps)
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=min(1, case.warmup), iterations=1)

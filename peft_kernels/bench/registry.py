@@ -42,6 +42,8 @@ class Case:
     baseline_name: str = "pure PyTorch"
     floor_name: str = ""
     quick: bool = True  # part of the default `bench` run
+    warmup: int = 2  # untimed calls of each function before timing
+    max_reps: Optional[int] = None  # cap on timed repetitions (cases whose baseline takes minutes)
     notes: str = ""
     tags: dict = field(default_factory=dict)
 

@@ -52,7 +52,9 @@ def run_case(case, reps: int) -> dict:
     fns = {"baseline": measured.baseline, "kernel": measured.kernel}
     if measured.floor is not None:
         fns["floor"] = measured.floor
-    times = time_interleaved(fns, case.device, reps=reps)
+    if case.max_reps is not None:
+        reps = min(reps, case.max_reps)
+    times = time_interleaved(fns, case.device, warmup=case.warmup, reps=reps)
     row.update({f"{k}_ms": v for k, v in times.items()})
     row["speedup"] = times["baseline"] / times["kernel"]
     if "floor" in times:
