@@ -105,8 +105,11 @@ PK_AVX2_FN void tile_in_avx2(const float* src, int64_t ld, int64_t n0, int64_t c
                              int64_t features, float* dst) {
   const int64_t f_full = features / 8 * 8;
   const __m256 zero = _mm256_setzero_ps();
-  for (int64_t f0 = 0; f0 < f_full; f0 += 8) {
-    for (int64_t j0 = 0; j0 < kTile; j0 += 8) {
+  // Eight token rows at a time, swept along the features: each row is read as one sequential
+  // stream. Features outermost instead revisits kTile rows a row stride apart (a multiple of
+  // 4 KiB for power-of-two widths, all in one L1 set), and measured 2.1x slower.
+  for (int64_t j0 = 0; j0 < kTile; j0 += 8) {
+    for (int64_t f0 = 0; f0 < f_full; f0 += 8) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) {
         r[i] = j0 + i < count ? _mm256_loadu_ps(src + (n0 + j0 + i) * ld + f0) : zero;
@@ -121,8 +124,8 @@ PK_AVX2_FN void tile_in_avx2(const float* src, int64_t ld, int64_t n0, int64_t c
 PK_AVX2_FN void tile_out_avx2(const float* tile, int64_t ld, int64_t n0, int64_t count,
                               int64_t dests, float* y) {
   const int64_t d_full = dests / 8 * 8;
-  for (int64_t d0 = 0; d0 < d_full; d0 += 8) {
-    for (int64_t j0 = 0; j0 < count; j0 += 8) {
+  for (int64_t j0 = 0; j0 < count; j0 += 8) {  // token rows outermost, as in tile_in_avx2
+    for (int64_t d0 = 0; d0 < d_full; d0 += 8) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(tile + (d0 + i) * kTile + j0);
       transpose8(r);
