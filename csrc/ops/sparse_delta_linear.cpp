@@ -22,9 +22,14 @@ constexpr const char* kOp = "sparse_delta_linear";
 // kernels otherwise (small N: no out x in memory at all). Measured on CPU float32 at 1024 x 1024,
 // N = 4096: the sparse product adds 4-7 ms to a 64-70 ms GEMM at 0.1-1%, the temporary ~1 ms.
 constexpr double kDenseMatmulDensity = 0.05;
-// dvalues: the SDDMM beats the dense dy^T x GEMM + gather below ~7% (1024 x 1024, N = 4096:
-// 10x at 0.1%, 6x at 1%, 1.7x at 5%, 0.5x at 10%).
+// dvalues: the SDDMM beats the dense dy^T x GEMM + gather below ~7% on CPU (1024 x 1024,
+// N = 4096: 10x at 0.1%, 6x at 1%, 1.7x at 5%, 0.5x at 10%). On CUDA the tile kernel stages
+// G + W features per token for each G x W tile of Delta, and the tiles shrink as the density
+// grows: at 4096 x 4096, N = 8192, bfloat16 that is ~0.8 GB of shared-memory staging at 1% and
+// ~1.7 GB at 5%, against a ~0.4 ms tensor-core GEMM on an H100-class GPU. 2% is that traffic
+// model's crossover, not yet a measurement.
 constexpr double kDenseGradDensity = 0.07;
+constexpr double kDenseGradDensityCuda = 0.02;
 
 struct Pattern {
   at::Tensor row_ptr, rows, cols;  // int64 [out+1], int32 [nnz], int32 [nnz]
@@ -159,11 +164,7 @@ double density(const Shapes& s) {
   return static_cast<double>(s.nnz) / (static_cast<double>(s.out) * static_cast<double>(s.in));
 }
 
-// CUDA tensors take the dense paths (cuBLAS GEMMs with the W + Delta temporary, dy^T x then a
-// gather) until the CUDA kernels of csrc/cuda/sparse_delta_linear.cu have passed on a GPU: they
-// compile, but their host emulation has not passed every check yet, so they are not built in.
-bool dense_products(const Shapes& s, bool on_cuda) {
-  if (on_cuda) return true;
+bool dense_products(const Shapes& s) {
   const double weight_size = static_cast<double>(s.out) * static_cast<double>(s.in);
   return density(s) >= kDenseMatmulDensity ||
          static_cast<double>(s.N) * static_cast<double>(s.in + s.out) >= 2.0 * weight_size;
@@ -175,6 +176,10 @@ at::Tensor dense_weight(const at::Tensor& weight, const Pattern& p, const at::Te
   at::Tensor flat = w.view({-1});
   flat.index_put_({p.flat}, flat.index({p.flat}) + values);
   return w;
+}
+
+bool dense_grad(const Shapes& s, bool on_cuda) {
+  return density(s) >= (on_cuda ? kDenseGradDensityCuda : kDenseGradDensity);
 }
 
 // y [N, dests] += src [N, sources] Delta^T (or Delta with transpose), in place.
@@ -190,7 +195,42 @@ void sparse_matmul(const at::Tensor& src, const Pattern& pat, const Shapes& s,
   mp.x = src.const_data_ptr();
   mp.y = y.mutable_data_ptr();
   mp.transpose = transpose;
-  sparse_delta_matmul_cpu(mp);
+  if (src.is_cuda()) {
+    at::Tensor workspace;
+    PK_CUDA_LAUNCH(src, {
+      const int64_t bytes = sparse_delta_matmul_cuda_workspace_bytes(mp);
+      if (bytes > 0) workspace = at::empty({bytes}, src.options().dtype(at::kByte));
+      sparse_delta_matmul_cuda(mp, bytes > 0 ? workspace.mutable_data_ptr() : nullptr,
+                               current_stream(src));
+    });
+  } else {
+    sparse_delta_matmul_cpu(mp);
+  }
+}
+
+// dvalues [nnz] = the entries of dy^T x.
+void sparse_grad(const at::Tensor& dy, const at::Tensor& x2, const Pattern& pat, const Shapes& s,
+                 at::Tensor& dvalues) {
+  SparseDeltaGradParams gp;
+  gp.dtype = kernel_dtype(x2.scalar_type());
+  gp.pattern = pat.view(false);
+  gp.pattern.out = s.out;
+  gp.pattern.in = s.in;
+  gp.N = s.N;
+  gp.dy = dy.const_data_ptr();
+  gp.x = x2.const_data_ptr();
+  gp.dvalues = dvalues.mutable_data_ptr();
+  if (x2.is_cuda()) {
+    at::Tensor workspace;
+    PK_CUDA_LAUNCH(x2, {
+      const int64_t bytes = sparse_delta_grad_cuda_workspace_bytes(gp);
+      if (bytes > 0) workspace = at::empty({bytes}, x2.options().dtype(at::kByte));
+      sparse_delta_grad_cuda(gp, bytes > 0 ? workspace.mutable_data_ptr() : nullptr,
+                             current_stream(x2));
+    });
+  } else {
+    sparse_delta_grad_cpu(gp);
+  }
 }
 
 }  // namespace
@@ -199,7 +239,7 @@ at::Tensor sparse_delta_linear_fwd(const at::Tensor& x, const at::Tensor& weight
                                    const at::Tensor& indices, const at::Tensor& values,
                                    const c10::optional<at::Tensor>& bias) {
   const Shapes s = check_inputs(x, weight, indices, values, bias);
-  const bool dense = dense_products(s, x.is_cuda());
+  const bool dense = dense_products(s);
   const Pattern pat = make_pattern(indices, s, !dense, false);
   const at::Tensor v = values.contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -227,11 +267,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_bwd(
   const at::Tensor dy = grad_out.reshape({s.N, s.out}).contiguous();
   const at::Tensor x2 = x.reshape({s.N, s.in}).contiguous();
   const at::Tensor v = values.contiguous();
-  const bool dense_x = dense_products(s, x.is_cuda());
-  const bool dense_grad = x.is_cuda() || density(s) >= kDenseGradDensity;
+  const bool dense_x = dense_products(s);
+  const bool dense_dv = dense_grad(s, x.is_cuda());
   const bool sparse_x = need_x && !dense_x && s.nnz > 0;
-  const bool sparse_grad = need_values && !dense_grad && s.N > 0 && s.nnz > 0;
-  const Pattern pat = make_pattern(indices, s, sparse_x || sparse_grad, sparse_x);
+  const bool sparse_dv = need_values && !dense_dv && s.N > 0 && s.nnz > 0;
+  const Pattern pat = make_pattern(indices, s, sparse_x || sparse_dv, sparse_x);
   auto empty = [&] { return at::empty({0}, x.options()); };
 
   at::Tensor dx = empty(), dvalues = empty(), dbias = empty();
@@ -245,22 +285,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_bwd(
     dx = dx.view(x.sizes());
   }
   if (need_values) {
-    if (dense_grad || s.N == 0) {
+    if (dense_dv || s.N == 0) {
       dvalues = at::mm(dy.t(), x2).view({-1}).index({pat.flat});
     } else {
       dvalues = at::empty({s.nnz}, x.options());
-      if (s.nnz > 0) {
-        SparseDeltaGradParams gp;
-        gp.dtype = kernel_dtype(x.scalar_type());
-        gp.pattern = pat.view(false);
-        gp.pattern.out = s.out;
-        gp.pattern.in = s.in;
-        gp.N = s.N;
-        gp.dy = dy.const_data_ptr();
-        gp.x = x2.const_data_ptr();
-        gp.dvalues = dvalues.mutable_data_ptr();
-        sparse_delta_grad_cpu(gp);
-      }
+      if (s.nnz > 0) sparse_grad(dy, x2, pat, s, dvalues);
     }
   }
   if (need_bias) dbias = dy.sum(0);
