@@ -10,7 +10,6 @@ from torch import nn
 
 import peft_kernels as pk
 from peft_kernels import reference as R
-from peft_kernels.ops.lie_weight import _lie_conv2d, _lie_linear, _lie_weight
 from tolerances import assert_close
 
 SCALE = 0.7
@@ -154,11 +153,12 @@ def test_opcheck():
     g = torch.Generator().manual_seed(8)
     d = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     W, A, B, x = d(4, 6), d(2, 6).requires_grad_(), d(4, 2).requires_grad_(), d(3, 6).requires_grad_()
-    torch.library.opcheck(_lie_weight, (W, A, B, 0.5, False))
-    torch.library.opcheck(_lie_linear, (x, W, A, B, d(4), 0.5, True))
+    torch.library.opcheck(torch.ops.peft_kernels.lie_weight.default, (W, A, B, 0.5, False))
+    torch.library.opcheck(torch.ops.peft_kernels.lie_linear.default, (x, W, A, B, d(4), 0.5, True))
     Wc, xc = d(4, 3, 2, 2), d(2, 3, 5, 5).requires_grad_()
-    torch.library.opcheck(_lie_conv2d, (xc, Wc, d(2, 12).requires_grad_(), B, None, [1, 1], [1, 0],
-                                        [1, 1], 1, 0.5, False))
+    torch.library.opcheck(torch.ops.peft_kernels.lie_conv2d.default,
+                          (xc, Wc, d(2, 12).requires_grad_(), B, None, [1, 1], [1, 0], [1, 1], 1,
+                           0.5, False))
 
 
 def test_compile_fullgraph():

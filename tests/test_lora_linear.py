@@ -162,27 +162,27 @@ def test_gradcheck(act, p):
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_opcheck(device, p):
-    from peft_kernels.ops.lora_linear import _lora_linear_fwd
-
     x, w, b, a, bb = make_inputs((2, 5), 12, 6, 3, torch.float64, device)
     seed = torch.tensor([5], device=device) if p else None
     for t in (x, a, bb, b):
         t.requires_grad_()
-    torch.library.opcheck(_lora_linear_fwd, (x, w, a, bb, b, seed, 0.5, p, 2))
-    torch.library.opcheck(_lora_linear_fwd, (x.detach(), w, a.detach(), bb.detach(), None, seed, 0.5, p, 0))
+    fwd = torch.ops.peft_kernels.lora_linear_fwd.default
+    torch.library.opcheck(fwd, (x, w, a, bb, b, seed, 0.5, p, 2))
+    torch.library.opcheck(fwd, (x.detach(), w, a.detach(), bb.detach(), None, seed, 0.5, p, 0))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_opcheck_backward_op(device, p):
     # The backward op has no autograd of its own (double backward is not supported).
-    from peft_kernels.ops.lora_linear import _lora_linear_bwd, _lora_linear_fwd
+    from peft_kernels.ops.lora_linear import _lora_linear_fwd
 
     x, w, b, a, bb = make_inputs((2, 5), 12, 6, 3, torch.float64, device)
     seed = torch.tensor([5], device=device) if p else None
     _, pre = _lora_linear_fwd(x, w, a, bb, b, seed, 0.5, p, 1)
     dy = torch.randn(2, 5, 6, dtype=torch.float64, device=device)
     for flags in [(True, True, True, True), (False, True, False, False)]:
-        torch.library.opcheck(_lora_linear_bwd, (dy, x, w, a, bb, pre, seed, 0.5, p, 1, *flags),
+        torch.library.opcheck(torch.ops.peft_kernels.lora_linear_bwd.default,
+                              (dy, x, w, a, bb, pre, seed, 0.5, p, 1, *flags),
                               test_utils=("test_schema", "test_faketensor"))
 
 

@@ -9,9 +9,10 @@ from torch import Tensor
 
 from peft_kernels._ext import C
 from peft_kernels.ops._checks import check_frozen, check_one_device
+from peft_kernels.ops._dispatch import custom_op
 
 
-@torch.library.custom_op("peft_kernels::block_rotate", mutates_args=())
+@custom_op("peft_kernels::block_rotate")
 def _block_rotate(x: Tensor, rotations: Tensor, transpose: bool) -> Tensor:
     return C().block_rotate(x, rotations, transpose)
 
@@ -24,7 +25,7 @@ def _(x, rotations, transpose):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("peft_kernels::block_outer", mutates_args=())
+@custom_op("peft_kernels::block_outer")
 def _block_outer(a: Tensor, c: Tensor, block_size: int) -> Tensor:
     return C().block_outer(a, c, block_size)
 
@@ -79,7 +80,7 @@ def _fold(weight: Tensor, rotations: Tensor) -> Tensor:
     return _block_rotate(weight, rotations.to(weight.dtype), True)  # W_blk R_blk
 
 
-@torch.library.custom_op("peft_kernels::rotated_linear", mutates_args=())
+@custom_op("peft_kernels::rotated_linear")
 def _rotated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], rotations: Tensor) -> Tensor:
     return torch.nn.functional.linear(x, _fold(weight, rotations), bias)
 

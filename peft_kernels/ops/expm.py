@@ -5,11 +5,12 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
+from peft_kernels.ops._dispatch import custom_op
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
-@torch.library.custom_op("peft_kernels::expm_fwd", mutates_args=())
+@custom_op("peft_kernels::expm_fwd")
 def _expm_fwd(A: Tensor) -> Tensor:
     return C().expm_fwd(A)
 
@@ -19,7 +20,7 @@ def _(A):
     return torch.empty_like(A, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("peft_kernels::expm_bwd", mutates_args=())
+@custom_op("peft_kernels::expm_bwd")
 def _expm_bwd(A: Tensor, grad: Tensor) -> Tensor:
     return C().expm_bwd(A, grad)
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from peft_kernels._ext import C
 from peft_kernels.ops._checks import check_frozen, check_one_device
+from peft_kernels.ops._dispatch import custom_op
 
 
 def _maybe(flag: bool, like: Tensor, shape=None) -> Tensor:
@@ -18,7 +19,7 @@ def _maybe(flag: bool, like: Tensor, shape=None) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # W_eff alone (for users who apply the weight themselves); backward from the full weight gradient.
-@torch.library.custom_op("peft_kernels::lie_weight", mutates_args=())
+@custom_op("peft_kernels::lie_weight")
 def _lie_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 first_order: bool) -> Tensor:
     return C().lie_weight_fwd(weight, lora_A, lora_B, scaling, first_order)
@@ -30,7 +31,7 @@ def _(weight, lora_A, lora_B, scaling, first_order):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("peft_kernels::lie_weight_bwd", mutates_args=())
+@custom_op("peft_kernels::lie_weight_bwd")
 def _lie_weight_bwd(grad: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                     first_order: bool) -> tuple[Tensor, Tensor]:
     return C().lie_weight_bwd(grad, weight, lora_A, lora_B, scaling, first_order)
@@ -71,7 +72,7 @@ def lie_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float
 
 # ---------------------------------------------------------------------------------------------
 # Linear: y = x W_effᵀ + bias.
-@torch.library.custom_op("peft_kernels::lie_linear", mutates_args=())
+@custom_op("peft_kernels::lie_linear")
 def _lie_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                 scaling: float, first_order: bool) -> Tensor:
     return C().lie_linear_fwd(x, weight, lora_A, lora_B, bias, scaling, first_order)
@@ -84,7 +85,7 @@ def _(x, weight, lora_A, lora_B, bias, scaling, first_order):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("peft_kernels::lie_linear_bwd", mutates_args=())
+@custom_op("peft_kernels::lie_linear_bwd")
 def _lie_linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                     scaling: float, first_order: bool, need_x: bool, need_A: bool, need_B: bool,
                     need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -132,7 +133,7 @@ def lie_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, *,
 
 # ---------------------------------------------------------------------------------------------
 # Conv2d (zero padding): y = conv2d(x, W_eff, bias, stride, padding, dilation, groups).
-@torch.library.custom_op("peft_kernels::lie_conv2d", mutates_args=())
+@custom_op("peft_kernels::lie_conv2d")
 def _lie_conv2d(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                 stride: list[int], padding: list[int], dilation: list[int], groups: int,
                 scaling: float, first_order: bool) -> Tensor:
@@ -147,7 +148,7 @@ def _(x, weight, lora_A, lora_B, bias, stride, padding, dilation, groups, scalin
     return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
-@torch.library.custom_op("peft_kernels::lie_conv2d_bwd", mutates_args=())
+@custom_op("peft_kernels::lie_conv2d_bwd")
 def _lie_conv2d_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                     stride: list[int], padding: list[int], dilation: list[int], groups: int,
                     scaling: float, first_order: bool, need_x: bool, need_A: bool, need_B: bool,

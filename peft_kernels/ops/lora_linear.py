@@ -8,6 +8,7 @@ from torch import Tensor
 
 from peft_kernels._ext import C
 from peft_kernels.ops._checks import check_frozen, check_one_device
+from peft_kernels.ops._dispatch import custom_op
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
 
@@ -16,7 +17,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("peft_kernels::lora_linear_fwd", mutates_args=())
+@custom_op("peft_kernels::lora_linear_fwd")
 def _lora_linear_fwd(
     x: Tensor,
     weight: Tensor,
@@ -41,7 +42,7 @@ def _(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, activation):
     return y, pre
 
 
-@torch.library.custom_op("peft_kernels::lora_linear_bwd", mutates_args=())
+@custom_op("peft_kernels::lora_linear_bwd")
 def _lora_linear_bwd(
     grad_out: Tensor,
     x: Tensor,

@@ -12,9 +12,10 @@ from torch import Tensor
 
 from peft_kernels._ext import C
 from peft_kernels.ops._checks import check_frozen, check_one_device
+from peft_kernels.ops._dispatch import custom_op
 
 
-@torch.library.custom_op("peft_kernels::sparse_delta_linear_fwd", mutates_args=())
+@custom_op("peft_kernels::sparse_delta_linear_fwd")
 def _sparse_delta_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor,
                              bias: Optional[Tensor]) -> Tensor:
     return C().sparse_delta_linear_fwd(x, weight, indices, values, bias)
@@ -27,7 +28,7 @@ def _(x, weight, indices, values, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("peft_kernels::sparse_delta_linear_bwd", mutates_args=())
+@custom_op("peft_kernels::sparse_delta_linear_bwd")
 def _sparse_delta_linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, indices: Tensor,
                              values: Tensor, need_x: bool, need_values: bool,
                              need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:

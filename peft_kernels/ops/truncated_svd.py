@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
+from peft_kernels.ops._dispatch import custom_op
 
 METHODS = ("auto", "jacobi", "randomized")
 DEFAULT_OVERSAMPLE = 10
@@ -15,7 +16,7 @@ DEFAULT_NITER = 2
 AUTO_JACOBI_MAX_DIM = 64
 
 
-@torch.library.custom_op("peft_kernels::truncated_svd", mutates_args=())
+@custom_op("peft_kernels::truncated_svd")
 def _truncated_svd(A: Tensor, k: int, niter: int, oversample: int,
                    method: str) -> tuple[Tensor, Tensor, Tensor]:
     U, S, Vh = C().truncated_svd(A, k, niter, oversample, method)
