@@ -154,14 +154,15 @@ PK_ALWAYS_INLINE void expand_rows(const T* __restrict S, int64_t lds, int64_t r,
   }
 }
 
-// R2[k, j] += sum_n S[n, k] X[n, j] for rows [0, rows)  (S [rows, lds], X [rows, ldx], R2 [r, K]).
+// R2[k, j] += sum_n S[n, k] X[n, j] for rows [0, rows)  (S [rows, lds], X [rows, ldx],
+// R2 [r, K] with leading dimension ldr).
 template <typename T>
 inline void reduce_rows(const T* __restrict S, int64_t lds, int64_t r, const T* __restrict X,
-                        int64_t ldx, int64_t K, int64_t rows, T* __restrict R2) {
+                        int64_t ldx, int64_t K, int64_t rows, T* __restrict R2, int64_t ldr) {
   for (int64_t n = 0; n < rows; ++n)
     for (int64_t k = 0; k < r; ++k) {
       const T c = S[n * lds + k];
-      T* rr = R2 + k * K;
+      T* rr = R2 + k * ldr;
       const T* x = X + n * ldx;
       for (int64_t j = 0; j < K; ++j) rr[j] += c * x[j];
     }

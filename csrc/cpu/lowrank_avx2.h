@@ -199,14 +199,14 @@ __attribute__((target("avx2,fma"))) void expand_rows(const T* S, int64_t lds, in
 }
 
 // reduce: R2[k, j] += sum_n S[n, k] X[n, j] over rows [0, rows): a KR x (JV vectors) tile of R2
-// stays in registers for the whole row loop (rows of X come from cache).
+// (leading dimension ldr) stays in registers for the whole row loop (rows of X come from cache).
 template <typename T, int KR, int JV>
 PK_AVX2 void reduce_cell(const T* __restrict S, int64_t lds, const T* __restrict X, int64_t ldx,
-                         int64_t K, int64_t rows, int64_t k0, int64_t j, T* __restrict R2) {
+                         int64_t ldr, int64_t rows, int64_t k0, int64_t j, T* __restrict R2) {
   using V = Vec<T>;
   typename V::R acc[KR][JV];
   for (int kk = 0; kk < KR; ++kk)
-    for (int v = 0; v < JV; ++v) acc[kk][v] = V::load(R2 + (k0 + kk) * K + j + v * V::W);
+    for (int v = 0; v < JV; ++v) acc[kk][v] = V::load(R2 + (k0 + kk) * ldr + j + v * V::W);
   for (int64_t n = 0; n < rows; ++n) {
     typename V::R xv[JV];
     for (int v = 0; v < JV; ++v) xv[v] = V::load(X + n * ldx + j + v * V::W);
@@ -217,19 +217,19 @@ PK_AVX2 void reduce_cell(const T* __restrict S, int64_t lds, const T* __restrict
     }
   }
   for (int kk = 0; kk < KR; ++kk)
-    for (int v = 0; v < JV; ++v) V::store(R2 + (k0 + kk) * K + j + v * V::W, acc[kk][v]);
+    for (int v = 0; v < JV; ++v) V::store(R2 + (k0 + kk) * ldr + j + v * V::W, acc[kk][v]);
 }
 
 // All ranks for one strip of JV vectors of columns: the strip of X stays in L1 across rank tiles.
 template <typename T, int JV>
-PK_AVX2 void reduce_strip(const T* S, int64_t lds, int64_t r, const T* X, int64_t ldx, int64_t K,
+PK_AVX2 void reduce_strip(const T* S, int64_t lds, int64_t r, const T* X, int64_t ldx, int64_t ldr,
                           int64_t rows, int64_t j, T* R2) {
   int64_t k0 = 0;
-  for (; k0 + 4 <= r; k0 += 4) reduce_cell<T, 4, JV>(S, lds, X, ldx, K, rows, k0, j, R2);
+  for (; k0 + 4 <= r; k0 += 4) reduce_cell<T, 4, JV>(S, lds, X, ldx, ldr, rows, k0, j, R2);
   switch (r - k0) {
-    case 3: reduce_cell<T, 3, JV>(S, lds, X, ldx, K, rows, k0, j, R2); break;
-    case 2: reduce_cell<T, 2, JV>(S, lds, X, ldx, K, rows, k0, j, R2); break;
-    case 1: reduce_cell<T, 1, JV>(S, lds, X, ldx, K, rows, k0, j, R2); break;
+    case 3: reduce_cell<T, 3, JV>(S, lds, X, ldx, ldr, rows, k0, j, R2); break;
+    case 2: reduce_cell<T, 2, JV>(S, lds, X, ldx, ldr, rows, k0, j, R2); break;
+    case 1: reduce_cell<T, 1, JV>(S, lds, X, ldx, ldr, rows, k0, j, R2); break;
     default: break;
   }
 }
@@ -237,10 +237,11 @@ PK_AVX2 void reduce_strip(const T* S, int64_t lds, int64_t r, const T* X, int64_
 template <typename T>
 __attribute__((target("avx2,fma"))) void reduce_rows(const T* S, int64_t lds, int64_t r,
                                                      const T* X, int64_t ldx, int64_t K,
-                                                     int64_t rows, T* R2) {
+                                                     int64_t rows, T* R2, int64_t ldr) {
   constexpr int W = Vec<T>::W, JV = 3;
   // Rows of X 4 KiB apart share L1 sets: a strip over many rows thrashes the 8 ways. Then sweep
   // 8 rows at a time, reloading R2 per sweep, which pays while R2 stays in L1/L2 (<= 64 KiB).
+  // (R2's own rows should not be 4 KiB apart too: see the callers' ldr.)
   const bool aliased = (ldx * static_cast<int64_t>(sizeof(T))) % 4096 == 0;
   const int64_t sweep = aliased && r * K * static_cast<int64_t>(sizeof(T)) <= 64 * 1024
                             ? 8 : std::max<int64_t>(rows, 1);
@@ -249,13 +250,13 @@ __attribute__((target("avx2,fma"))) void reduce_rows(const T* S, int64_t lds, in
     const int64_t nr = std::min<int64_t>(sweep, rows - n0);
     const T* Sb = S + n0 * lds;
     const T* Xb = X + n0 * ldx;
-    for (int64_t j = 0; j < jv_end; j += JV * W) reduce_strip<T, JV>(Sb, lds, r, Xb, ldx, K, nr, j, R2);
-    for (int64_t j = jv_end; j < j1_end; j += W) reduce_strip<T, 1>(Sb, lds, r, Xb, ldx, K, nr, j, R2);
+    for (int64_t j = 0; j < jv_end; j += JV * W) reduce_strip<T, JV>(Sb, lds, r, Xb, ldx, ldr, nr, j, R2);
+    for (int64_t j = jv_end; j < j1_end; j += W) reduce_strip<T, 1>(Sb, lds, r, Xb, ldx, ldr, nr, j, R2);
     for (int64_t j = j1_end; j < K; ++j)
       for (int64_t k = 0; k < r; ++k) {
-        T acc = R2[k * K + j];
+        T acc = R2[k * ldr + j];
         for (int64_t n = 0; n < nr; ++n) acc += Sb[n * lds + k] * Xb[n * ldx + j];
-        R2[k * K + j] = acc;
+        R2[k * ldr + j] = acc;
       }
   }
 }
