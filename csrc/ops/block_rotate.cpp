@@ -61,12 +61,9 @@ at::Tensor block_outer(const at::Tensor& a, const at::Tensor& c, int64_t block_s
   p.c = cc.const_data_ptr();
   p.out = out.mutable_data_ptr();
   if (a.is_cuda()) {
-    at::Tensor workspace;
-    PK_CUDA_LAUNCH(a, {
-      const int64_t bytes = block_outer_cuda_workspace_bytes(p);
-      if (bytes > 0) workspace = at::empty({bytes}, a.options().dtype(at::kByte));
-      block_outer_cuda(p, bytes > 0 ? workspace.mutable_data_ptr() : nullptr, current_stream(a));
-    });
+    PK_CUDA_LAUNCH(a, with_cuda_workspace(
+                          a, [&] { return block_outer_cuda_workspace_bytes(p); },
+                          [&](void* ws, cudaStream_t st) { block_outer_cuda(p, ws, st); }));
   } else {
     block_outer_cpu(p);
   }

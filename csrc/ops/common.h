@@ -71,6 +71,15 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
     call;                                                        \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                              \
   } while (0)
+// launch(workspace, stream) with bytes() bytes of device scratch (null when 0) on t's device and
+// current stream; inside PK_CUDA_LAUNCH. The caching allocator orders the scratch's reuse after
+// the launched work on that stream, so it may be released on return.
+template <typename Bytes, typename Launch>
+void with_cuda_workspace(const at::Tensor& t, Bytes&& bytes, Launch&& launch) {
+  const int64_t n = bytes();
+  const at::Tensor scratch = n > 0 ? at::empty({n}, t.options().dtype(at::kByte)) : at::Tensor();
+  launch(n > 0 ? scratch.mutable_data_ptr() : nullptr, current_stream(t));
+}
 #else
 #define PK_CUDA_LAUNCH(tensor, call)                                                            \
   TORCH_CHECK(false, "peft_kernels was built without CUDA kernels (build_info()['cuda'] is "   \

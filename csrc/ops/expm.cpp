@@ -109,15 +109,11 @@ at::Tensor run(const at::Tensor& A_in, const at::Tensor* grad_in) {
   if (A.is_cuda() && n >= kBlasMinN) {
     out = expm_cuda_blas(A, grad_in != nullptr ? &grad : nullptr);
   } else if (A.is_cuda()) {
-    at::Tensor workspace;
-    PK_CUDA_LAUNCH(A, {
-      const int64_t bytes = expm_cuda_workspace_bytes(p);
-      if (bytes > 0) {
-        workspace = at::empty({bytes}, A.options().dtype(at::kByte));
-        p.workspace = workspace.mutable_data_ptr();
-      }
-      expm_cuda(p, current_stream(A));
-    });
+    PK_CUDA_LAUNCH(A, with_cuda_workspace(A, [&] { return expm_cuda_workspace_bytes(p); },
+                                          [&](void* ws, cudaStream_t st) {
+                                            p.workspace = ws;
+                                            expm_cuda(p, st);
+                                          }));
   } else if (n >= kBlasMinN) {
     const at::Tensor* g = grad_in != nullptr ? &grad : nullptr;
     if (A.scalar_type() == at::kDouble) {

@@ -196,13 +196,9 @@ void sparse_matmul(const at::Tensor& src, const Pattern& pat, const Shapes& s,
   mp.y = y.mutable_data_ptr();
   mp.transpose = transpose;
   if (src.is_cuda()) {
-    at::Tensor workspace;
-    PK_CUDA_LAUNCH(src, {
-      const int64_t bytes = sparse_delta_matmul_cuda_workspace_bytes(mp);
-      if (bytes > 0) workspace = at::empty({bytes}, src.options().dtype(at::kByte));
-      sparse_delta_matmul_cuda(mp, bytes > 0 ? workspace.mutable_data_ptr() : nullptr,
-                               current_stream(src));
-    });
+    PK_CUDA_LAUNCH(src, with_cuda_workspace(
+                            src, [&] { return sparse_delta_matmul_cuda_workspace_bytes(mp); },
+                            [&](void* ws, cudaStream_t st) { sparse_delta_matmul_cuda(mp, ws, st); }));
   } else {
     sparse_delta_matmul_cpu(mp);
   }
@@ -221,13 +217,9 @@ void sparse_grad(const at::Tensor& dy, const at::Tensor& x2, const Pattern& pat,
   gp.x = x2.const_data_ptr();
   gp.dvalues = dvalues.mutable_data_ptr();
   if (x2.is_cuda()) {
-    at::Tensor workspace;
-    PK_CUDA_LAUNCH(x2, {
-      const int64_t bytes = sparse_delta_grad_cuda_workspace_bytes(gp);
-      if (bytes > 0) workspace = at::empty({bytes}, x2.options().dtype(at::kByte));
-      sparse_delta_grad_cuda(gp, bytes > 0 ? workspace.mutable_data_ptr() : nullptr,
-                             current_stream(x2));
-    });
+    PK_CUDA_LAUNCH(x2, with_cuda_workspace(
+                           x2, [&] { return sparse_delta_grad_cuda_workspace_bytes(gp); },
+                           [&](void* ws, cudaStream_t st) { sparse_delta_grad_cuda(gp, ws, st); }));
   } else {
     sparse_delta_grad_cpu(gp);
   }
