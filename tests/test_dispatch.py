@@ -90,3 +90,14 @@ def test_direct_path_refuses_double_backward():
     (g,) = torch.autograd.grad(run(A).sum(), A, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_meta_tensors_take_the_fake_kernel(case):
+    # Meta tensors have shapes but no memory: they must never reach the C++ kernels.
+    make, _ = CASES[case]
+    run, inputs = make("cpu")
+    want = run(*inputs)
+    run_meta, inputs_meta = make("meta")
+    got = run_meta(*inputs_meta)
+    assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype

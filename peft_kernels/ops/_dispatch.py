@@ -24,7 +24,9 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def _plain(arg) -> bool:
     kind = type(arg)
     if kind in _PLAIN_TENSORS:
-        return True
+        # The kernels read CPU or CUDA memory; meta tensors (shapes only) and other devices
+        # go to the fake kernel or the dispatcher's error.
+        return arg.is_cpu or arg.is_cuda
     if isinstance(arg, torch.Tensor):  # a subclass: FakeTensor, DTensor, ...
         return False
     if kind is list or kind is tuple:
