@@ -161,39 +161,61 @@ template <typename T>
 void dy_pass_impl(const LoraDyPassParams& p) {
   const T* dy = static_cast<const T*>(p.dy);
   const T* a = static_cast<const T*>(p.a);
+  const T* x = static_cast<const T*>(p.x);  // set: form a from x, reduce dA too (see the header)
   T* g = static_cast<T*>(p.g);
   const int64_t RP = round_up(p.r, simd_width<T>());
   const bool pad = RP != p.r;
   const std::vector<T> Bp = padded(static_cast<const T*>(p.B), p.out, p.r, RP, false);
-  std::vector<T> g_padded(pad ? p.N * RP : 0);
+  const std::vector<T> At = x ? padded(static_cast<const T*>(p.A), p.r, p.in, RP, true)
+                              : std::vector<T>();  // [in, RP]
+  std::vector<T> g_padded(!x && pad ? p.N * RP : 0);
   T* G = pad ? g_padded.data() : g;
   const RowChunks chunks = row_chunks(p.N);
   // dB^T [r, out] partials: the row reduction runs along out, dy's contiguous dimension.
-  const int64_t ldb = partial_ld<T>(p.out);
+  const int64_t ldb = partial_ld<T>(p.out), lda = partial_ld<T>(p.in);
   std::vector<T> dbt_partial(chunks.count * p.r * ldb, T(0));
+  std::vector<T> da_partial(x ? chunks.count * p.r * lda : 0, T(0));
   std::vector<T> bias_partial(p.dbias ? chunks.count * p.out : 0, T(0));
-  const int64_t bm = rows_per_block<T>(p.out);
+  // A block of dy (and of x) rows stays in L2 across the products that read it.
+  const int64_t bm = rows_per_block<T>(x ? p.out + p.in : p.out);
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> g_blk(x ? bm * RP : 0), pre_blk(x ? bm * RP : 0);
     for (int64_t c = c0; c < c1; ++c) {
       T* dbt_c = dbt_partial.data() + c * p.r * ldb;
       T* bias_c = p.dbias ? bias_partial.data() + c * p.out : nullptr;
       for (int64_t n0 = chunks.begin(c); n0 < chunks.end(c); n0 += bm) {
         const int64_t rows = std::min(bm, chunks.end(c) - n0);
         const T* dy_blk = dy + n0 * p.out;
-        // Both products read the same cached block of dy.
-        project<T>(dy_blk, p.out, rows, p.out, Bp.data(), RP, G + n0 * RP, nullptr, nullptr, bias_c);
-        reduce<T>(a + n0 * p.r, p.r, p.r, dy_blk, p.out, p.out, rows, dbt_c, ldb);
+        if (x) {
+          // pre and g of the block; the scaling goes on the summed partials.
+          const T* x_blk = x + n0 * p.in;
+          project<T>(dy_blk, p.out, rows, p.out, Bp.data(), RP, g_blk.data(), nullptr, nullptr, bias_c);
+          project<T>(x_blk, p.in, rows, p.in, At.data(), RP, pre_blk.data(), nullptr, nullptr, nullptr);
+          reduce<T>(pre_blk.data(), RP, p.r, dy_blk, p.out, p.out, rows, dbt_c, ldb);
+          reduce<T>(g_blk.data(), RP, p.r, x_blk, p.in, p.in, rows,
+                    da_partial.data() + c * p.r * lda, lda);
+        } else {
+          // Both products read the same cached block of dy.
+          project<T>(dy_blk, p.out, rows, p.out, Bp.data(), RP, G + n0 * RP, nullptr, nullptr, bias_c);
+          reduce<T>(a + n0 * p.r, p.r, p.r, dy_blk, p.out, p.out, rows, dbt_c, ldb);
+        }
       }
     }
   });
-  if (pad) {
+  if (!x && pad) {
     for (int64_t n = 0; n < p.N; ++n) std::copy(G + n * RP, G + n * RP + p.r, g + n * p.r);
   }
+  const T scale = x ? static_cast<T>(p.scaling) : T(1);
   std::vector<T> dbt(p.r * p.out);
   sum_chunks<T>(dbt_partial, chunks.count, p.r, p.out, ldb, dbt.data());
   T* dB = static_cast<T*>(p.dB);
   for (int64_t k = 0; k < p.r; ++k)
-    for (int64_t o = 0; o < p.out; ++o) dB[o * p.r + k] = dbt[k * p.out + o];
+    for (int64_t o = 0; o < p.out; ++o) dB[o * p.r + k] = scale * dbt[k * p.out + o];
+  if (x) {
+    T* dA = static_cast<T*>(p.dA);
+    sum_chunks<T>(da_partial, chunks.count, p.r, p.in, lda, dA);
+    for (int64_t i = 0; i < p.r * p.in; ++i) dA[i] *= scale;
+  }
   if (p.dbias) sum_chunks<T>(bias_partial, chunks.count, p.out, 1, 1, static_cast<T*>(p.dbias));
 }
 

@@ -29,6 +29,14 @@ struct LoraDyPassParams {
   void* dbias = nullptr;     // [out], accumulation type: column sums of dy; nullptr = not needed
   int64_t N = 0, out = 0, r = 0;
   DType dtype = DType::kFloat32;
+  // LoRA without dropout (identity activation): with x set, a is not read but formed block by
+  // block as s x A^T from the rows of x beside those of dy, g is not written, and the same
+  // blocks give dA = s g^T x. The forward then need not keep pre, and x is read once.
+  const void* x = nullptr;  // [N, in], dtype, contiguous
+  const void* A = nullptr;  // [r, in], dtype, contiguous
+  void* dA = nullptr;       // [r, in], accumulation type (written)
+  int64_t in = 0;
+  double scaling = 1.0;
 };
 
 struct LoraXPassParams {

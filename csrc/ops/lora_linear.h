@@ -6,7 +6,9 @@
 namespace peft_kernels {
 
 // Returns (y [..., out], pre [..., r]); pre = drop(x) A^T in the accumulation type, saved for
-// backward. activation: 0 none (LoRA), 1 relu, 2 gelu (erf), 3 silu (parallel adapter).
+// backward (zeros where the backward forms it again: the CPU merged path, see
+// csrc/ops/lora_linear.cpp). activation: 0 none (LoRA), 1 relu, 2 gelu (erf), 3 silu (parallel
+// adapter).
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
                                                    const at::Tensor& lora_A,
                                                    const at::Tensor& lora_B,
