@@ -42,7 +42,7 @@ class Case:
     baseline_name: str = "pure PyTorch"
     floor_name: str = ""
     quick: bool = True  # part of the default `bench` run
-    warmup: int = 2  # untimed calls of each function before timing
+    warmup: int = 1  # untimed calls of each function before timing (after the error gate's call)
     max_reps: Optional[int] = None  # cap on timed repetitions (cases whose baseline takes minutes)
     notes: str = ""
     tags: dict = field(default_factory=dict)

@@ -17,7 +17,9 @@ def add_arguments(parser) -> None:
                         help="only this device (default: cpu, and cuda when available)")
     parser.add_argument("--filter", default="", help="only cases whose name contains this text")
     parser.add_argument("--all", action="store_true", help="include the long cases too")
-    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per function")
+    # 3 keeps the default run of every case under two minutes on a 2-core CPU; the figures in
+    # benchmarks/RESULTS.md use --reps 10 or 20.
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per function")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH.png", help="also plot the speedups (matplotlib)")
 
