@@ -79,12 +79,13 @@ def test_lie_linear_matches_reference(device, dtype, first_order, bias, lead, in
 
 
 def test_lie_linear_over_several_row_blocks(device):
-    # out * in = 2100 * 2048 > 2^22: the backward takes two blocks of output rows (2048 + 52).
+    # 2^22 / 4096 = 1024 rows per backward block (the size cap, below out / 2): blocks of
+    # 1024 + 1024 + 52 output rows.
     dtype = torch.float32
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 2048, generator=g).to(device, dtype)
-    W = (torch.randn(2100, 2048, generator=g) / 45).to(device, dtype)
-    A, B = adapters(2100, 2048, 4, dtype, device)
+    x = torch.randn(6, 4096, generator=g).to(device, dtype)
+    W = (torch.randn(2100, 4096, generator=g) / 64).to(device, dtype)
+    A, B = adapters(2100, 4096, 4, dtype, device)
     compare(lambda *t: pk.ops.lie_linear(*t, scaling=SCALE),
             lambda *t: R.lie_linear(*t, None, SCALE),
             [x, W, A, B], {1}, dtype, None, ["dx", "dA", "dB"])
