@@ -83,17 +83,14 @@ at::Tensor generate(const at::Tensor& W2, const at::Tensor& A, const at::Tensor&
 }
 
 // dA += s B_b^T M_b and dB[rows] = s M_b A^T for the gradient G_b of W_eff's rows
-// [row0, row0 + rows), into accumulation-type buffers. M_b = G_b * W_eff_b (exact form) or
-// G_b * W_b (first order): a W_eff_b the caller already generated (undefined if none) serves as
-// the product's second factor, so the kernel need not form exp(s B A) again.
-void accumulate_grad(const at::Tensor& G_b, const at::Tensor& W2, const at::Tensor& W_eff_b,
-                     const at::Tensor& A, const at::Tensor& B2, int64_t row0, int64_t rows,
-                     double scaling, bool first_order, at::Tensor& dA, at::Tensor& dB) {
+// [row0, row0 + rows), into accumulation-type buffers; M_b = G_b * W_eff_b (exact form, the
+// kernel forming exp(s B A) itself) or G_b * W_b (first order).
+void accumulate_grad(const at::Tensor& G_b, const at::Tensor& W2, const at::Tensor& A,
+                     const at::Tensor& B2, int64_t row0, int64_t rows, double scaling,
+                     bool first_order, at::Tensor& dA, at::Tensor& dB) {
   const at::Tensor G = G_b.contiguous();
-  const bool reuse = !first_order && W_eff_b.defined();
-  const at::Tensor factor = reuse ? W_eff_b : W2.narrow(0, row0, rows);
   LieWeightGradParams p;
-  fill_operands(p, factor, A, B2.narrow(0, row0, rows), scaling, first_order || reuse);
+  fill_operands(p, W2.narrow(0, row0, rows), A, B2.narrow(0, row0, rows), scaling, first_order);
   p.grad = G.const_data_ptr();
   p.dA = dA.mutable_data_ptr();
   p.dB = dB.narrow(0, row0, rows).mutable_data_ptr();
@@ -152,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> lie_weight_bwd(const at::Tensor& grad, const 
                     shape_str(weight), ", got ", shape_str(grad));
   Operands o = operands(weight, A, B, s);
   if (weight.numel() > 0) {
-    accumulate_grad(grad.reshape({s.out, s.K}), o.W2, at::Tensor(), o.A, o.B, 0, s.out, scaling,
+    accumulate_grad(grad.reshape({s.out, s.K}), o.W2, o.A, o.B, 0, s.out, scaling,
                     first_order, o.dA, o.dB);
   }
   return {o.dA.to(weight.scalar_type()), o.dB.to(weight.scalar_type())};
@@ -198,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lie_linear_bwd(
         dx = dx.defined() ? dx.addmm_(dy_b, W_eff) : at::mm(dy_b, W_eff);
       }  // W_eff's block is released before the gradient's block exists
       if (need_weight_grad) {
-        accumulate_grad(at::mm(dy_b.t(), x2), o.W2, at::Tensor(), o.A, o.B, row0, rows, scaling,
+        accumulate_grad(at::mm(dy_b.t(), x2), o.W2, o.A, o.B, row0, rows, scaling,
                         first_order, o.dA, o.dB);
       }
     }
@@ -274,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lie_conv2d_bwd(
         const at::Tensor G_b = std::get<1>(at::convolution_backward(
             dy_b, x_b, o.W2.narrow(0, row0, rows).view(block_shape), c10::nullopt, stride,
             padding, dilation, false, {0, 0}, block_groups_arg, {false, true, false}));
-        accumulate_grad(G_b.view({rows, s.K}), o.W2, at::Tensor(), o.A, o.B, row0, rows, scaling,
+        accumulate_grad(G_b.view({rows, s.K}), o.W2, o.A, o.B, row0, rows, scaling,
                         first_order, o.dA, o.dB);
       }
     }
