@@ -59,12 +59,14 @@ def expm_rtol(dtype: torch.dtype, norm1: float) -> float:
 
 # pk.ops.truncated_svd(method="jacobi") against numpy's LAPACK SVD (float64), errors relative to
 # the largest singular value S_max. The Jacobi sweeps stop once every column pair's cosine is
-# below tol = eps sqrt(m), so singular values carry O(eps) relative-to-S_max error (measured
-# <= 1e-14 in float64, <= 5e-6 in float32 for n <= 64) and U, V are orthonormal to O(n tol):
-# - float64: 1e-12 for S (the specification), orthonormality and A V - U S.
-# - float32: 1e-5 for S (the specification); 1e-4 for orthonormality and A V - U S, which sum
-#   n ~ 64 rounded cosines of size up to eps32 sqrt(m) ~ 1e-6 each (measured <= 2e-5).
+# below tol = eps sqrt(m), so U, V are orthonormal to O(n tol); the kernels' rotated float32
+# columns carry S to O(sweeps eps) (measured <= 7.6e-6 for n <= 64), which is why the op forms
+# S again in float64 from the unrotated columns and V (second order in V's error):
+# - float64: 1e-12 for S (the specification), orthonormality and A V - U S (measured <= 1e-14).
+# - float32: 1e-6 for S, the specification's 1e-5 tightened (measured <= 1.2e-7, float32's own
+#   rounding of S being 6e-8); 1e-4 for orthonormality and A V - U S of the kernels' outputs,
+#   which sum n ~ 64 rounded cosines of size up to eps32 sqrt(m) ~ 1e-6 each (measured <= 2e-5).
 SVD_TOLERANCES = {
     torch.float64: dict(values=1e-12, orthonormal=1e-12, residual=1e-12),
-    torch.float32: dict(values=1e-5, orthonormal=1e-4, residual=1e-4),
+    torch.float32: dict(values=1e-6, orthonormal=1e-4, residual=1e-4),
 }
