@@ -89,6 +89,13 @@ HOST_DEVICE bool needs_rotation(T alpha, T beta, T gamma, T tol) {
   return gamma != T(0) && fabs(gamma) > tol * sqrt(alpha) * sqrt(beta);
 }
 
+// float: the same test squared, in double, where a float's squared norms cannot overflow or
+// underflow; without the two square roots on the path of every pair, converged pairs included.
+HOST_DEVICE bool needs_rotation(float alpha, float beta, float gamma, float tol) {
+  const double g = gamma, t = tol;
+  return gamma != 0.0f && g * g > t * t * static_cast<double>(alpha) * static_cast<double>(beta);
+}
+
 // Round-robin (tournament) ordering: for n' = n rounded up to even, round r in [0, n' - 1) pairs
 // slot i with slot n' - 1 - i (i < n' / 2), where slot 0 holds index 0 and slots 1.. rotate. Every
 // pair (p, q) occurs exactly once per sweep and a round's pairs are disjoint, so they can be
