@@ -11,6 +11,7 @@ from torch import nn
 import peft_kernels as pk
 from peft_kernels import reference as R
 from tolerances import assert_close
+from training import fit
 
 SCALE = 0.7
 
@@ -274,13 +275,7 @@ def test_training_step_moves_only_the_adapter():
     layer = pk.nn.LieLinear.from_linear(lin, 2)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     x, target = torch.randn(16, 8), torch.randn(16, 8)
-    losses = []
-    for _ in range(20):
-        loss = F.mse_loss(layer(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(opt, lambda _: F.mse_loss(layer(x), target), range(20))
     assert losses[-1] < losses[0] and torch.equal(lin.weight, W0)
 
 

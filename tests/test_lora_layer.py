@@ -8,6 +8,7 @@ from torch import nn
 import peft_kernels as pk
 from peft_kernels import reference as R
 from tolerances import assert_close
+from training import fit, trainable
 
 
 class HFStyleLoRA(nn.Module):
@@ -173,13 +174,13 @@ def test_compile_fullgraph_aot_eager(dropout):
     torch.manual_seed(1)
     out = compiled(x)
     out.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    grads = [p.grad.clone() for p in trainable(model)]
     model.zero_grad()
     torch.manual_seed(1)
     ref = model(x)
     ref.sum().backward()
     torch.testing.assert_close(out, ref)
-    for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
+    for g, p in zip(grads, trainable(model)):
         torch.testing.assert_close(g, p.grad)
 
 
@@ -200,13 +201,7 @@ def test_training_reduces_loss():
     model = TinyModel(dropout=0.1)
     x = torch.randn(256, 16)
     target = teacher(x).detach()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(60):
-        loss = nn.functional.mse_loss(model(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    opt = torch.optim.AdamW(trainable(model), lr=1e-2)
+    losses = fit(opt, lambda _: nn.functional.mse_loss(model(x), target), range(60))
     assert losses[-1] < 0.2 * losses[0], losses[::10]
     assert model.l1.base.weight.grad is None  # frozen base never receives a gradient

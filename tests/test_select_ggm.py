@@ -14,6 +14,7 @@ from peft_kernels.select import (GGMAllocation, NodeScorer, apply_allocation,
                                  generalized_soft_threshold, ggm_allocate, ggm_bcd,
                                  ggm_finetune_plan, ggm_statistics, gst_threshold)
 from peft_kernels.select.ggm import _delta_step
+from training import fit, trainable
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -386,15 +387,8 @@ def test_end_to_end_ggm_finetuning():
     assert all(p.grad is None for p in model.parameters())
     torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)  # warm-up took no step
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(trainable, lr=1e-2)
-    losses = []
-    for batch in batches * 3:
-        opt.zero_grad()
-        loss = ce_loss(model, batch)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    opt = torch.optim.Adam(trainable(model), lr=1e-2)
+    losses = fit(opt, lambda batch: ce_loss(model, batch), batches * 3)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-6:]) < sum(losses[:6])
     assert node_count(model) == budget

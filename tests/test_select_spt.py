@@ -9,6 +9,7 @@ import peft_kernels as pk
 from peft_kernels.nn import LoRALinear
 from peft_kernels.nn.sparse import SparseDeltaLinear
 from peft_kernels.select import SPTPlan, apply_plan, sensitivity, spt_plan
+from training import fit, trainable
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -450,14 +451,10 @@ def test_end_to_end_spt_finetuning(structured):
     apply_plan(student, plan)
     assert trainable_count(student) == plan.total
 
-    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.Adam(trainable(student), lr=1e-2)
     with torch.no_grad():
         initial = nn.functional.mse_loss(student(x_all), y_all).item()
-    for step in range(60):
-        x, y = batches[step % len(batches)]
-        opt.zero_grad()
-        mse(student, (x, y)).backward()
-        opt.step()
+    fit(opt, lambda step: mse(student, batches[step % len(batches)]), range(60))
     with torch.no_grad():
         final = nn.functional.mse_loss(student(x_all), y_all).item()
     assert initial > 1e-3

@@ -7,6 +7,7 @@ from torch import nn
 
 import peft_kernels as pk
 from tolerances import assert_close
+from training import fit, trainable
 
 
 def make_linear(in_f=24, out_f=18, bias=True, dtype=torch.float64, device="cpu", seed=0):
@@ -54,8 +55,8 @@ def test_positional_rank_and_default():
 @pytest.mark.parametrize("train_bias", [True, False])
 def test_gradients_flow_to_a_b_and_the_trainable_bias_only(train_bias):
     layer, _ = make_layer(r=4, train_bias=train_bias)
-    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
-    assert trainable == ({"base.bias", "A", "B"} if train_bias else {"A", "B"})
+    names = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert names == ({"base.bias", "A", "B"} if train_bias else {"A", "B"})
     assert layer.num_nodes == 4 + train_bias
     x = torch.randn(9, 24, dtype=torch.float64, requires_grad=True)
     y = layer(x)
@@ -215,13 +216,13 @@ def test_compile_fullgraph_aot_eager(freeze):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)
     out.sum().backward()
-    trainable = [p for p in model.parameters() if p.requires_grad and p.numel() > 0]
-    grads = [p.grad.clone() for p in trainable]
+    params = [p for p in trainable(model) if p.numel() > 0]
+    grads = [p.grad.clone() for p in params]
     model.zero_grad()
     ref = model(x)
     ref.sum().backward()
     torch.testing.assert_close(out, ref)
-    for g, p in zip(grads, trainable):
+    for g, p in zip(grads, params):
         torch.testing.assert_close(g, p.grad)
 
 
@@ -231,12 +232,6 @@ def test_training_reduces_loss():
     model = pk.nn.SVDNodeLinear.from_linear(nn.Linear(16, 8), 4)
     x = torch.randn(256, 16)
     target = teacher(x).detach()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(60):
-        loss = nn.functional.mse_loss(model(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    opt = torch.optim.AdamW(trainable(model), lr=2e-2)
+    losses = fit(opt, lambda _: nn.functional.mse_loss(model(x), target), range(60))
     assert losses[-1] < 0.5 * losses[0], losses[::10]
