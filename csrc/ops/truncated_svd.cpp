@@ -72,6 +72,16 @@ void orthonormalize(at::Tensor& Q) {
   }
 }
 
+// Rows order[i, j] of X[i] for every i: X [b, n, m], order [b, k] -> [b, k, m]. Row copies through
+// index_select: gather with the index expanded over m measured 140 us against 21-29 us at
+// (8, 64, 64) on the CPU.
+at::Tensor select_rows(const at::Tensor& X, const at::Tensor& order) {
+  const int64_t b = X.size(0), n = X.size(1), m = X.size(2), k = order.size(1);
+  const at::Tensor offsets = at::arange(b, order.options()).mul_(n).unsqueeze(-1);
+  const at::Tensor flat = (order + offsets).view({-1});
+  return X.contiguous().view({b * n, m}).index_select(0, flat).view({b, k, m});
+}
+
 struct Triplets {
   at::Tensor Ut, S, Vh;  // U's columns as rows [b, k, m], S [b, k], Vh [b, k, n]
 };
@@ -114,13 +124,10 @@ Triplets svd_tall(const at::Tensor& C, int64_t k) {
   const at::Tensor order = std::get<1>(norms.sort(/*stable=*/true, -1, /*descending=*/true))
                                .narrow(-1, 0, k);
   const at::Tensor S = norms.gather(-1, order);
-  const at::Tensor rows = order.unsqueeze(-1);
   const at::Tensor S_safe = at::where(S > 0, S, at::ones_like(S)).unsqueeze(-1);
-  at::Tensor W = (cols.gather(1, rows.expand({-1, -1, cols.size(2)})) / S_safe)
-                     .to(X.scalar_type())
-                     .contiguous();
+  at::Tensor W = (select_rows(cols, order) / S_safe).to(X.scalar_type()).contiguous();
   orthonormalize(W);  // zero columns get orthonormal completions; the rest are already unit
-  const at::Tensor Zk = Z.gather(1, rows.expand({-1, -1, N}));
+  const at::Tensor Zk = select_rows(Z, order);
   if (Q.defined()) return {at::matmul(Zk, Q.transpose(1, 2)), S.to(X.scalar_type()), W};
   return {W, S.to(X.scalar_type()), Zk};
 }
