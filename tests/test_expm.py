@@ -190,8 +190,8 @@ def test_bad_inputs():
         pk.ops.expm(torch.randn(4))
     with pytest.raises(TypeError, match="A must be"):
         pk.ops.expm(torch.ones(2, 2, dtype=torch.int64))
-    with pytest.raises(TypeError, match="A must be float32 or float64 on CPU"):
-        pk.ops.expm(torch.ones(2, 2, dtype=torch.float16))
+    with pytest.raises(TypeError, match="A must be float32, float64, float16 or bfloat16 on CPU"):
+        pk.ops.expm(torch.ones(2, 2, dtype=torch.complex64))
     with pytest.raises(TypeError, match="torch.Tensor"):
         pk.ops.expm(np.eye(2))
     A = torch.randn(2, 3, 3)

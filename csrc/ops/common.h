@@ -39,8 +39,13 @@ inline void check_floating_input(const char* op, const char* arg, const at::Tens
     TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                      op, ": ", arg, " must be float32, float64, float16 or bfloat16 on CUDA, got ", dt);
   } else {
+    // The Python ops compute float16 / bfloat16 CPU calls in float32 when every floating-point
+    // argument has that dtype, so one reaches here only beside another dtype.
+    TORCH_CHECK_TYPE(dt != at::kHalf && dt != at::kBFloat16, op, ": ", arg, " has dtype ", dt,
+                     " but another floating-point argument does not; on CPU, float16 and "
+                     "bfloat16 calls need every floating-point argument in that dtype");
     TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble, op, ": ", arg,
-                     " must be float32 or float64 on CPU, got ", dt);
+                     " must be float32, float64, float16 or bfloat16 on CPU, got ", dt);
   }
 }
 

@@ -87,3 +87,32 @@ def custom_op(name: str) -> Callable[[Callable], Op]:
     """``@custom_op("peft_kernels::name")``: torch.library.custom_op (no mutated arguments) with
     the direct eager path of :class:`Op`."""
     return lambda fn: Op(name, fn)
+
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def cpu_half_in_float32(fn: Callable, *args, floating: tuple[int, ...],
+                        float32_outputs: tuple[int, ...] = ()):
+    """``fn(*args)`` for an op whose CPU kernels take float32 and float64: float16 / bfloat16 CPU
+    tensors are computed in float32. When the tensors at positions ``floating`` (None allowed,
+    the first one present) are CPU tensors of one half dtype, they go in converted to float32 (a
+    copy per call) and the results come back in that dtype, except those at ``float32_outputs``
+    (float32 in the op's contract, as its fake kernel says). Anything else, CUDA tensors,
+    float32 / float64 or mixed dtypes (which the op rejects with a message naming the argument),
+    calls ``fn`` as it is."""
+    first = args[floating[0]]
+    half = first.dtype
+    if half not in _HALF_TYPES or first.device.type != "cpu":
+        return fn(*args)
+    if any(args[i] is not None and (args[i].dtype != half or args[i].device.type != "cpu")
+           for i in floating):
+        return fn(*args)
+    args = list(args)
+    for i in floating:
+        if args[i] is not None:
+            args[i] = args[i].float()
+    out = fn(*args)
+    if isinstance(out, torch.Tensor):
+        return out.to(half)
+    return tuple(o if i in float32_outputs else o.to(half) for i, o in enumerate(out))

@@ -9,12 +9,12 @@ from torch import Tensor
 
 from peft_kernels._ext import C
 from peft_kernels.ops._checks import check_frozen, check_one_device
-from peft_kernels.ops._dispatch import custom_op
+from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 
 @custom_op("peft_kernels::block_rotate")
 def _block_rotate(x: Tensor, rotations: Tensor, transpose: bool) -> Tensor:
-    return C().block_rotate(x, rotations, transpose)
+    return cpu_half_in_float32(C().block_rotate, x, rotations, transpose, floating=(0, 1))
 
 
 @_block_rotate.register_fake
@@ -27,7 +27,7 @@ def _(x, rotations, transpose):
 
 @custom_op("peft_kernels::block_outer")
 def _block_outer(a: Tensor, c: Tensor, block_size: int) -> Tensor:
-    return C().block_outer(a, c, block_size)
+    return cpu_half_in_float32(C().block_outer, a, c, block_size, floating=(0, 1))
 
 
 @_block_outer.register_fake
@@ -64,8 +64,8 @@ def block_rotate(x: Tensor, rotations: Tensor, *, transpose: bool = False) -> Te
     """``y[..., i·b:(i+1)·b] = R_i x[..., i·b:(i+1)·b]`` (``R_iᵀ`` with ``transpose``), i.e.
     ``y = x Rᵀ`` for R = blockdiag(R_1, …, R_k), with ``rotations [k, b, b]`` and x ``[..., k·b]``.
 
-    Gradients flow to x and the rotations. CPU: float32, float64; CUDA: also float16/bfloat16
-    (float32 accumulation).
+    Gradients flow to x and the rotations. float32, float64, float16, bfloat16 (float32
+    accumulation; the CPU converts half inputs to float32).
     """
     return _block_rotate(x, rotations, bool(transpose))
 

@@ -5,14 +5,14 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
-from peft_kernels.ops._dispatch import custom_op
+from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 @custom_op("peft_kernels::expm_fwd")
 def _expm_fwd(A: Tensor) -> Tensor:
-    return C().expm_fwd(A)
+    return cpu_half_in_float32(C().expm_fwd, A, floating=(0,))
 
 
 @_expm_fwd.register_fake
@@ -22,7 +22,7 @@ def _(A):
 
 @custom_op("peft_kernels::expm_bwd")
 def _expm_bwd(A: Tensor, grad: Tensor) -> Tensor:
-    return C().expm_bwd(A, grad)
+    return cpu_half_in_float32(C().expm_bwd, A, grad, floating=(0, 1))
 
 
 @_expm_bwd.register_fake
@@ -52,7 +52,7 @@ def expm(A: Tensor) -> Tensor:
     Each matrix gets its own Taylor degree (1 … 18) and number of squarings from its own 1-norm,
     inside the kernel (no host synchronisation). The gradient is the adjoint Fréchet derivative
     ``L(Aᵀ, G)``, evaluated along the same scheme at about 3× the forward's products.
-    CPU: float32, float64. CUDA: float32, float64, float16 and bfloat16 (computed in float32).
+    float32, float64, float16 and bfloat16 (computed in float32).
     A matrix with a NaN or Inf entry gives NaN for that matrix only.
     """
     if not isinstance(A, Tensor):

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from peft_kernels._ext import C
 from peft_kernels.ops._checks import check_frozen, check_one_device
-from peft_kernels.ops._dispatch import custom_op
+from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 
 def _maybe(flag: bool, like: Tensor, shape=None) -> Tensor:
@@ -22,7 +22,8 @@ def _maybe(flag: bool, like: Tensor, shape=None) -> Tensor:
 @custom_op("peft_kernels::lie_weight")
 def _lie_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 first_order: bool) -> Tensor:
-    return C().lie_weight_fwd(weight, lora_A, lora_B, scaling, first_order)
+    return cpu_half_in_float32(C().lie_weight_fwd, weight, lora_A, lora_B, scaling, first_order,
+                               floating=(0, 1, 2))
 
 
 @_lie_weight.register_fake
@@ -34,7 +35,8 @@ def _(weight, lora_A, lora_B, scaling, first_order):
 @custom_op("peft_kernels::lie_weight_bwd")
 def _lie_weight_bwd(grad: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                     first_order: bool) -> tuple[Tensor, Tensor]:
-    return C().lie_weight_bwd(grad, weight, lora_A, lora_B, scaling, first_order)
+    return cpu_half_in_float32(C().lie_weight_bwd, grad, weight, lora_A, lora_B, scaling,
+                               first_order, floating=(0, 1, 2, 3))
 
 
 @_lie_weight_bwd.register_fake
@@ -63,8 +65,8 @@ def lie_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float
     """``W ⊙ exp(scaling · (B A).view_as(W))`` (``W ⊙ (1 + scaling · B A)`` with first_order).
 
     weight ``[out, ...]`` (frozen), lora_A ``[r, K]`` with ``K = weight[0].numel()``, lora_B
-    ``[out, r]``. Gradients flow to lora_A and lora_B. CPU: float32, float64; CUDA: also
-    float16/bfloat16 (float32 accumulation).
+    ``[out, r]``. Gradients flow to lora_A and lora_B. float32, float64, float16, bfloat16
+    (float32 accumulation; the CPU converts half inputs to float32).
     """
     check_frozen("lie_weight", weight)
     return _lie_weight(weight, lora_A, lora_B, float(scaling), bool(first_order))
@@ -75,7 +77,8 @@ def lie_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float
 @custom_op("peft_kernels::lie_linear")
 def _lie_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                 scaling: float, first_order: bool) -> Tensor:
-    return C().lie_linear_fwd(x, weight, lora_A, lora_B, bias, scaling, first_order)
+    return cpu_half_in_float32(C().lie_linear_fwd, x, weight, lora_A, lora_B, bias, scaling,
+                               first_order, floating=(0, 1, 2, 3, 4))
 
 
 @_lie_linear.register_fake
@@ -89,8 +92,9 @@ def _(x, weight, lora_A, lora_B, bias, scaling, first_order):
 def _lie_linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                     scaling: float, first_order: bool, need_x: bool, need_A: bool, need_B: bool,
                     need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return C().lie_linear_bwd(grad_out, x, weight, lora_A, lora_B, scaling, first_order, need_x,
-                              need_A, need_B, need_bias)
+    return cpu_half_in_float32(C().lie_linear_bwd, grad_out, x, weight, lora_A, lora_B, scaling,
+                               first_order, need_x, need_A, need_B, need_bias,
+                               floating=(0, 1, 2, 3, 4))
 
 
 @_lie_linear_bwd.register_fake
@@ -137,8 +141,9 @@ def lie_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, *,
 def _lie_conv2d(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                 stride: list[int], padding: list[int], dilation: list[int], groups: int,
                 scaling: float, first_order: bool) -> Tensor:
-    return C().lie_conv2d_fwd(x, weight, lora_A, lora_B, bias, stride, padding, dilation, groups,
-                              scaling, first_order)
+    return cpu_half_in_float32(C().lie_conv2d_fwd, x, weight, lora_A, lora_B, bias, stride,
+                               padding, dilation, groups, scaling, first_order,
+                               floating=(0, 1, 2, 3, 4))
 
 
 @_lie_conv2d.register_fake
@@ -153,8 +158,9 @@ def _lie_conv2d_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
                     stride: list[int], padding: list[int], dilation: list[int], groups: int,
                     scaling: float, first_order: bool, need_x: bool, need_A: bool, need_B: bool,
                     need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return C().lie_conv2d_bwd(grad_out, x, weight, lora_A, lora_B, stride, padding, dilation,
-                              groups, scaling, first_order, need_x, need_A, need_B, need_bias)
+    return cpu_half_in_float32(C().lie_conv2d_bwd, grad_out, x, weight, lora_A, lora_B, stride,
+                               padding, dilation, groups, scaling, first_order, need_x, need_A,
+                               need_B, need_bias, floating=(0, 1, 2, 3, 4))
 
 
 @_lie_conv2d_bwd.register_fake

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from peft_kernels._ext import C
 from peft_kernels.ops._checks import check_frozen, check_one_device
-from peft_kernels.ops._dispatch import custom_op
+from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
 
@@ -29,7 +29,9 @@ def _lora_linear_fwd(
     dropout_p: float,
     activation: int,
 ) -> tuple[Tensor, Tensor]:
-    return C().lora_linear_fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, activation)
+    return cpu_half_in_float32(C().lora_linear_fwd, x, weight, lora_A, lora_B, bias, seed, scaling,
+                               dropout_p, activation, floating=(0, 1, 2, 3, 4),
+                               float32_outputs=(1,))
 
 
 @_lora_linear_fwd.register_fake
@@ -59,9 +61,9 @@ def _lora_linear_bwd(
     need_B: bool,
     need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return C().lora_linear_bwd(
-        grad_out, x, weight, lora_A, lora_B, pre, seed, scaling, dropout_p, activation,
-        need_x, need_A, need_B, need_bias,
+    return cpu_half_in_float32(
+        C().lora_linear_bwd, grad_out, x, weight, lora_A, lora_B, pre, seed, scaling, dropout_p,
+        activation, need_x, need_A, need_B, need_bias, floating=(0, 1, 2, 3, 4),
     )
 
 
@@ -134,8 +136,8 @@ def lora_linear(
     ``torch.nn.Dropout``) acts on the adapter branch only and only when ``training``; its mask is a
     function of ``seed`` (default: :func:`draw_dropout_seed`), regenerated in backward, never stored.
 
-    Gradients flow to x, lora_A, lora_B and bias. CPU: float32, float64. CUDA: float32, float64,
-    float16, bfloat16 (float32 accumulation).
+    Gradients flow to x, lora_A, lora_B and bias. float32, float64, float16, bfloat16 (float32
+    accumulation; the CPU converts half inputs to float32).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(

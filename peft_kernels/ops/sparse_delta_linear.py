@@ -12,13 +12,14 @@ from torch import Tensor
 
 from peft_kernels._ext import C
 from peft_kernels.ops._checks import check_frozen, check_one_device
-from peft_kernels.ops._dispatch import custom_op
+from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 
 @custom_op("peft_kernels::sparse_delta_linear_fwd")
 def _sparse_delta_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor,
                              bias: Optional[Tensor]) -> Tensor:
-    return C().sparse_delta_linear_fwd(x, weight, indices, values, bias)
+    return cpu_half_in_float32(C().sparse_delta_linear_fwd, x, weight, indices, values, bias,
+                               floating=(0, 1, 3, 4))
 
 
 @_sparse_delta_linear_fwd.register_fake
@@ -32,8 +33,8 @@ def _(x, weight, indices, values, bias):
 def _sparse_delta_linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, indices: Tensor,
                              values: Tensor, need_x: bool, need_values: bool,
                              need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return C().sparse_delta_linear_bwd(grad_out, x, weight, indices, values, need_x, need_values,
-                                       need_bias)
+    return cpu_half_in_float32(C().sparse_delta_linear_bwd, grad_out, x, weight, indices, values,
+                               need_x, need_values, need_bias, floating=(0, 1, 2, 4))
 
 
 @_sparse_delta_linear_bwd.register_fake
@@ -77,8 +78,8 @@ def sparse_delta_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tens
     ``dyᵀ x`` GEMM is faster and is used). The products with Δ use sparse kernels for small
     token counts and, where ``N·(in+out) ≥ 2·out·in`` or the density is ≥ 5%, one temporary
     ``W + Δ`` (out×in, rebuilt in backward, never saved), which costs less than a pass over the
-    activations there. Results are deterministic. CPU: float32, float64; CUDA: also
-    float16/bfloat16 (float32 accumulation).
+    activations there. Results are deterministic. float32, float64, float16, bfloat16 (float32
+    accumulation; the CPU converts half inputs to float32).
     """
     check_frozen("sparse_delta_linear", weight)
     return _sparse_delta_linear_fwd(x, weight, indices, values, bias)

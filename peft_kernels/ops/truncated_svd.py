@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
-from peft_kernels.ops._dispatch import custom_op
+from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 METHODS = ("auto", "jacobi", "randomized")
 DEFAULT_OVERSAMPLE = 10
@@ -19,8 +19,7 @@ AUTO_JACOBI_MAX_DIM = 64
 @custom_op("peft_kernels::truncated_svd")
 def _truncated_svd(A: Tensor, k: int, niter: int, oversample: int,
                    method: str) -> tuple[Tensor, Tensor, Tensor]:
-    U, S, Vh = C().truncated_svd(A, k, niter, oversample, method)
-    return U, S, Vh
+    return cpu_half_in_float32(C().truncated_svd, A, k, niter, oversample, method, floating=(0,))
 
 
 @_truncated_svd.register_fake
@@ -99,7 +98,7 @@ def truncated_svd(A: Tensor, k: int, *, niter: Optional[int] = None,
     A matrix with a NaN or Inf gives NaN for that matrix only; zero and repeated singular values
     are fine (the columns of ``U`` for zero singular values complete an orthonormal set).
     Differentiable (see ``_backward`` for when the U / V gradients are exact).
-    CPU: float32, float64. CUDA: float32, float64, float16, bfloat16 (computed in float32).
+    float32, float64, float16, bfloat16 (half inputs computed in float32).
     """
     if not isinstance(A, Tensor):
         raise TypeError(f"truncated_svd: A must be a torch.Tensor, got {type(A).__name__}")

@@ -1,0 +1,131 @@
+"""float16 / bfloat16 on the CPU: every layer and op computes in float32 (inputs converted per
+call, results rounded back) and matches the same module in float64 on the same, already rounded,
+values within the half type's tolerance; mismatched dtypes still fail with the op's message."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peft_kernels as pk
+from tolerances import assert_close
+
+HALF_TYPES = [torch.float16, torch.bfloat16]
+
+
+def randomise_trainable(module, seed=0, std=0.3):
+    """Adapters start at zero or the identity; give them values so every gradient is non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+
+
+def linear_input(dtype):
+    return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def conv_input(dtype):
+    return torch.randn(2, 8, 7, 7, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+LAYERS = {
+    "LoRALinear": (lambda: pk.nn.LoRALinear.from_linear(nn.Linear(16, 12), 4, dropout=0.1),
+                   linear_input),
+    "LoRALinear-gelu": (lambda: pk.nn.LoRALinear.from_linear(nn.Linear(16, 12), 4,
+                                                             activation="gelu"), linear_input),
+    "SparseDeltaLinear": (lambda: pk.nn.SparseDeltaLinear.from_mask(
+        nn.Linear(16, 12), torch.rand(12, 16, generator=torch.Generator().manual_seed(2)) < 0.2),
+        linear_input),
+    "LieLinear": (lambda: pk.nn.LieLinear.from_linear(nn.Linear(16, 12), 4), linear_input),
+    "LieConv2d": (lambda: pk.nn.LieConv2d.from_conv(nn.Conv2d(8, 6, 3, padding=1), 4), conv_input),
+    "OrthogonalLinear": (lambda: pk.nn.OrthogonalLinear.from_linear(nn.Linear(16, 12), 4),
+                         linear_input),
+    "OrthogonalConv2d": (lambda: pk.nn.OrthogonalConv2d.from_conv(nn.Conv2d(8, 6, 3), 4),
+                         conv_input),
+    "SVDNodeLinear": (lambda: pk.nn.SVDNodeLinear.from_linear(nn.Linear(16, 12), r=3),
+                      linear_input),
+}
+
+
+def forward_backward(layer, x, dy):
+    x = x.clone().requires_grad_()
+    torch.manual_seed(5)  # the dropout seed: the same mask in every dtype
+    y = layer(x)
+    y.backward(dy.to(y.dtype))
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+    return y, x.grad, grads
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_in_half_precision_matches_float64(name, dtype):
+    torch.manual_seed(0)
+    make, make_input = LAYERS[name]
+    layer = make()
+    randomise_trainable(layer)
+    layer = layer.to(dtype)
+    reference = copy.deepcopy(layer).double()  # the same rounded values, in float64
+    x = make_input(dtype)
+    with torch.no_grad():
+        dy = torch.randn_like(layer(x), dtype=torch.float64).to(dtype)
+    y, dx, grads = forward_backward(layer, x, dy)
+    y64, dx64, grads64 = forward_backward(reference, x.double(), dy.double())
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert_close(y, y64, dtype, f"{name} output")
+    assert_close(dx, dx64, dtype, f"{name} dx")
+    assert grads.keys() == grads64.keys() and grads
+    for n in grads:
+        assert grads[n].dtype == dtype, n
+        assert_close(grads[n], grads64[n], dtype, f"{name} grad of {n}")
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_expm_and_truncated_svd_in_half_precision(dtype):
+    g = torch.Generator().manual_seed(3)
+    A = (torch.randn(4, 6, 6, generator=g) / 3).to(dtype).requires_grad_()
+    G = torch.randn(4, 6, 6, generator=g).to(dtype)
+    E = pk.ops.expm(A)
+    (dA,) = torch.autograd.grad(E, A, G)
+    A64 = A.detach().double().requires_grad_()
+    E64 = torch.linalg.matrix_exp(A64)
+    (dA64,) = torch.autograd.grad(E64, A64, G.double())
+    assert E.dtype == dA.dtype == dtype
+    assert_close(E, E64, dtype, "expm")
+    assert_close(dA, dA64, dtype, "expm gradient")
+
+    M = torch.randn(3, 10, 7, generator=g).to(dtype)
+    U, S, Vh = pk.ops.truncated_svd(M, 4)
+    assert U.dtype == S.dtype == Vh.dtype == dtype
+    assert_close(S, torch.linalg.svdvals(M.double())[:, :4], dtype, "singular values")
+    assert_close(U.mT.double() @ U.double(), torch.eye(4).expand(3, 4, 4), dtype, "U orthonormal")
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_mixed_dtypes_still_rejected(dtype):
+    x = torch.randn(3, 8, dtype=dtype)
+    W, A, B = torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)  # float32
+    with pytest.raises(TypeError, match="x has dtype .* but another floating-point argument"):
+        pk.ops.lora_linear(x, W, A, B)
+    with pytest.raises(TypeError, match="weight has dtype .* but another floating-point argument"):
+        pk.ops.lie_weight(W.to(dtype), A, B)
+    with pytest.raises(TypeError, match="weight has dtype .* but x has dtype Float; they must match"):
+        pk.ops.lora_linear(x.float(), W.to(dtype), A, B)
+    with pytest.raises(TypeError, match="x has dtype .* but another floating-point argument"):
+        pk.ops.sparse_delta_linear(x, W, torch.tensor([0, 3]), torch.randn(2))
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_opcheck_in_half_precision(dtype):
+    """The fake kernels' dtypes hold for the converted calls (the LoRA forward's rank-r
+    activations stay float32, everything else comes back in the half type)."""
+    g = torch.Generator().manual_seed(4)
+    x, W = torch.randn(6, 8, generator=g).to(dtype), torch.randn(5, 8, generator=g).to(dtype)
+    A = torch.randn(3, 8, generator=g).to(dtype).requires_grad_()
+    B = torch.randn(5, 3, generator=g).to(dtype).requires_grad_()
+    ops = torch.ops.peft_kernels
+    torch.library.opcheck(ops.lora_linear_fwd.default, (x, W, A, B, None, None, 0.5, 0.0, 0))
+    torch.library.opcheck(ops.lie_linear.default, (x, W, A, B, None, 0.5, False))
+    torch.library.opcheck(ops.expm_fwd.default, (torch.randn(2, 4, 4, generator=g).to(dtype),))
