@@ -108,6 +108,7 @@ struct JacobiMatrix {
   T* v;  // [n, n]
   int64_t m, n;
   T tol;
+  double negligible;  // squared norm at or below which a column is zero (svd::negligible)
 };
 
 // Pairs of a round handled together: first their dot products, then their rotations (a chain of
@@ -139,8 +140,12 @@ PK_SIMD_INLINE bool rotate_pairs(const JacobiMatrix<T>& a, int64_t round, int64_
       ++live;
     }
     for (int j = 0; j < live; ++j) {
+      const bool zero_p = svd::negligible(alpha[j], a.negligible);
+      const bool zero_q = svd::negligible(beta[j], a.negligible);
+      if (zero_p) std::fill(a.x + ps[j] * a.m, a.x + (ps[j] + 1) * a.m, T(0));
+      if (zero_q) std::fill(a.x + qs[j] * a.m, a.x + (qs[j] + 1) * a.m, T(0));
       // Formed for every pair (a pair left alone may give inf or NaN here, never used).
-      go[j] = svd::needs_rotation(alpha[j], beta[j], gamma[j], a.tol);
+      go[j] = !zero_p && !zero_q && svd::needs_rotation(alpha[j], beta[j], gamma[j], a.tol);
       const svd::Rotation<T> r = svd::jacobi_rotation(alpha[j], beta[j], gamma[j]);
       c[j] = r.c;
       s[j] = r.s;
@@ -213,7 +218,7 @@ void jacobi_impl(const JacobiSvdParams& p) {
   auto matrix = [&](int64_t b) {
     return JacobiMatrix<T>{static_cast<T*>(p.x) + b * p.n * p.m,
                            static_cast<T*>(p.v) + b * p.n * p.n, p.m, p.n,
-                           static_cast<T>(p.tol)};
+                           static_cast<T>(p.tol), p.negligible ? p.negligible[b] : -1.0};
   };
   if (p.batch >= at::get_num_threads()) {
     at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) {

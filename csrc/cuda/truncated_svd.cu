@@ -64,7 +64,7 @@ __device__ __forceinline__ void rotate_columns(T* __restrict__ xp, T* __restrict
 template <typename T>
 __device__ __forceinline__ bool orthogonalize_pair(T* __restrict__ x, T* __restrict__ v, int64_t p,
                                                    int64_t q, int64_t m, int64_t n, int lane,
-                                                   T tol) {
+                                                   T tol, double limit) {
   T* xp = x + p * m;
   T* xq = x + q * m;
   T alpha = T(0), beta = T(0), gamma = T(0);
@@ -78,6 +78,15 @@ __device__ __forceinline__ bool orthogonalize_pair(T* __restrict__ x, T* __restr
   alpha = warp_sum(alpha);
   beta = warp_sum(beta);
   gamma = warp_sum(gamma);
+  // alpha and beta hold the same bits in every lane: the branches are uniform.
+  const bool zero_p = svd::negligible(alpha, limit), zero_q = svd::negligible(beta, limit);
+  if (zero_p || zero_q) {
+    for (int64_t k = lane; k < m; k += kWarpSize) {
+      if (zero_p) xp[k] = T(0);
+      if (zero_q) xq[k] = T(0);
+    }
+    return false;
+  }
   if (!svd::needs_rotation(alpha, beta, gamma, tol)) return false;
   const svd::Rotation<T> r = svd::jacobi_rotation(alpha, beta, gamma);
   rotate_columns(xp, xq, m, lane, r);
@@ -90,7 +99,8 @@ __device__ __forceinline__ bool orthogonalize_pair(T* __restrict__ x, T* __restr
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     jacobi_svd_kernel(T* __restrict__ X, T* __restrict__ V, int32_t* __restrict__ sweeps,
-                      int64_t batch, int64_t m, int64_t n, int max_sweeps, T tol) {
+                      int64_t batch, int64_t m, int64_t n, int max_sweeps, T tol,
+                      const double* __restrict__ negligible) {
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int64_t n_even = n + (n & 1);
@@ -98,6 +108,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
     T* x = X + b * n * m;
     T* v = V + b * n * n;
+    const double limit = negligible != nullptr ? negligible[b] : -1.0;
 
     // A NaN / Inf would make every later comparison meaningless (and a NaN gamma never
     // converges), so such a matrix is reported instead of swept.
@@ -125,7 +136,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           // Rotate as (min, max) whatever the slot order: the CPU kernel rotates p < q.
           const int64_t p = a < c ? a : c, q = a < c ? c : a;
           if (q >= n) continue;  // the padding index of odd n sits the round out
-          if (orthogonalize_pair(x, v, p, q, m, n, lane, tol)) rotated = true;
+          if (orthogonalize_pair(x, v, p, q, m, n, lane, tol, limit)) rotated = true;
         }
         __syncthreads();  // the next round pairs these columns with ones other warps rotated
       }
@@ -270,7 +281,7 @@ template <typename T>
 void launch_jacobi(const JacobiSvdParams& p, cudaStream_t stream) {
   jacobi_svd_kernel<T><<<grid_for(p.batch), kThreads, 0, stream>>>(
       static_cast<T*>(p.x), static_cast<T*>(p.v), p.sweeps, p.batch, p.m, p.n, p.max_sweeps,
-      static_cast<T>(p.tol));
+      static_cast<T>(p.tol), p.negligible);
 }
 
 template <typename T>

@@ -30,8 +30,18 @@ at::Tensor jacobi(at::Tensor& X, at::Tensor* sweeps_out = nullptr) {
   const int64_t b = X.size(0), n = X.size(1), m = X.size(2);
   at::Tensor V = at::empty({b, n, n}, X.options());
   at::Tensor sweeps = at::empty({b}, X.options().dtype(at::kInt));
-  const double eps = X.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                                    : std::numeric_limits<float>::epsilon();
+  const bool is_double = X.scalar_type() == at::kDouble;
+  const double eps = is_double ? std::numeric_limits<double>::epsilon()
+                               : std::numeric_limits<float>::epsilon();
+  // Columns whose norm falls to eps^2 |X|_F are zero (svd::negligible); the smallest normal
+  // number as a floor keeps the squared norms that the test compares out of the subnormals.
+  const double min_normal = is_double ? std::numeric_limits<double>::min()
+                                      : static_cast<double>(std::numeric_limits<float>::min());
+  const at::Tensor negligible =
+      at::linalg_vector_norm(X, 2, {1, 2}, /*keepdim=*/false, at::kDouble)
+          .square_()
+          .mul_(eps * eps * eps * eps)
+          .clamp_min_(min_normal);
   JacobiSvdParams p;
   p.x = X.mutable_data_ptr();
   p.v = V.mutable_data_ptr();
@@ -41,6 +51,7 @@ at::Tensor jacobi(at::Tensor& X, at::Tensor* sweeps_out = nullptr) {
   p.n = n;
   p.max_sweeps = kMaxSweeps;
   p.tol = eps * std::sqrt(static_cast<double>(m));
+  p.negligible = negligible.const_data_ptr<double>();
   p.dtype = kernel_dtype(X.scalar_type());
   if (X.is_cuda()) {
     PK_CUDA_LAUNCH(X, jacobi_svd_cuda(p, current_stream(X)));
@@ -212,15 +223,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
     return {shaped(at::empty({0, m, k}, opts), m, k), shaped(at::empty({0, k}, opts), k, -1),
             shaped(at::empty({0, k, n}, opts), k, n)};
   }
-  // A matrix whose largest entry lies outside [1e-15, 1e15] is scaled to max |a_ij| = 1 (as
-  // LAPACK does), so squared norms neither overflow nor underflow, even in float32; S is scaled
-  // back. Others are used as they are: scaling every matrix would copy the whole input.
+  // A matrix whose largest entry lies outside [lo, 1 / lo] is scaled to max |a_ij| = 1 (as LAPACK
+  // does), so squared norms neither overflow nor underflow; S is scaled back. Others are used as
+  // they are: scaling every matrix would copy the whole input. lo = 1e-15 in float64, and 1e-6
+  // in float32, where a column's squared norm must stay above the smallest normal float
+  // (1.2e-38) down to eps^2 of the matrix's norm (see svd::negligible).
   at::Tensor A3 = A.reshape({batch, m, n}).to(work);
   // max |a_ij| as max(amax, -amin): two plain reductions run at memory speed, where the inf-norm
   // (and aminmax) reductions take ~10x longer on CPU (35 ms against 6 ms at 36 x 768 x 768).
   const at::Tensor amax = at::maximum(at::amax(A3, {1, 2}, /*keepdim=*/true),
                                       -at::amin(A3, {1, 2}, /*keepdim=*/true));
-  const at::Tensor extreme = amax.isfinite() & (amax > 0) & ((amax < 1e-15) | (amax > 1e15));
+  const double lo = work == at::kDouble ? 1e-15 : 1e-6;
+  const at::Tensor extreme = amax.isfinite() & (amax > 0) & ((amax < lo) | (amax > 1.0 / lo));
   const at::Tensor scale = at::where(extreme, amax, at::ones_like(amax));
   if (extreme.any().item<bool>()) A3 = A3 / scale;
   const bool wide = m < n;
