@@ -44,6 +44,9 @@ class Case:
     quick: bool = True  # part of the default `bench` run
     warmup: int = 1  # untimed calls of each function before timing (after the error gate's call)
     max_reps: Optional[int] = None  # cap on timed repetitions (cases whose baseline takes minutes)
+    # Peak memory takes one more call of each function (under the profiler on the CPU); off for
+    # cases about time alone whose baseline takes seconds.
+    measure_memory: bool = True
     notes: str = ""
     tags: dict = field(default_factory=dict)
 

@@ -62,8 +62,9 @@ def run_case(case, reps: int) -> dict:
     if "floor" in times:
         row["kernel_over_floor"] = times["kernel"] / times["floor"]
         row["baseline_over_floor"] = times["baseline"] / times["floor"]
-    for name, fn in fns.items():
-        row[f"{name}_peak_mb"] = peak_memory_mb(fn, case.device)
+    if case.measure_memory:
+        for name, fn in fns.items():
+            row[f"{name}_peak_mb"] = peak_memory_mb(fn, case.device)
     row["status"] = "ok"
     return row
 

@@ -136,13 +136,13 @@ for _device in ("cpu", "cuda"):
         name="ggm_allocate 434 nodes (RoBERTa-base) 300 steps budget 60", op="select_ggm",
         device=_device, setup=_setup(434, 300, 60, 50, _device),
         baseline_name="published loop, float64 (inv + eigvalsh per ascent step)",
-        warmup=0, max_reps=1,  # the baseline takes ~6 s per call
+        warmup=0, max_reps=1, measure_memory=False,  # the baseline takes ~6 s per call
         notes="error = fraction of the selection that differs; gate 0",
     ))
     register(Case(
         name="ggm_allocate 4096 nodes 600 steps budget 400 iters=10", op="select_ggm",
         device=_device, setup=_setup(4096, 600, 400, 10, _device),
         baseline_name="published loop, float64 (inv + eigvalsh per ascent step)",
-        quick=False, warmup=0, max_reps=1,
+        quick=False, warmup=0, max_reps=1, measure_memory=False,
         notes="10 outer iterations and one timed call: the baseline takes ~5 min per call",
     ))
