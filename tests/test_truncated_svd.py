@@ -82,6 +82,9 @@ HARD = {
     "rank_deficient": lambda: with_spectrum(12, 9, [5.0, 4.0, 3.0]),
     "tiny": lambda: 1e-200 * random_matrix((12, 9)),
     "huge": lambda: 1e200 * random_matrix((12, 9)),
+    # float32 scales that the op brings to max |a| = 1 (outside [1e-6, 1e6]) and back
+    "small": lambda: 1e-9 * random_matrix((12, 9)),
+    "large": lambda: 1e9 * random_matrix((12, 9)),
 }
 
 
