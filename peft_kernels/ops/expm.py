@@ -7,8 +7,6 @@ from torch import Tensor
 from peft_kernels._ext import C
 from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
-_HALF_TYPES = (torch.float16, torch.bfloat16)
-
 
 @custom_op("peft_kernels::expm_fwd")
 def _expm_fwd(A: Tensor) -> Tensor:

@@ -85,8 +85,8 @@ def truncated_svd(A: Tensor, k: int, *, niter: Optional[int] = None,
     Methods:
 
     - ``"jacobi"``: exact. A batched one-sided Jacobi kernel (a tall matrix is first reduced to
-      its square QR triangle R and Jacobi runs on Rᵀ, a wide one is transposed); at most 40 sweeps, with a warning for a
-      matrix that did not converge. Singular values to high relative accuracy.
+      its square QR triangle R and Jacobi runs on Rᵀ, a wide one is transposed); at most 40
+      sweeps, with a warning for a matrix that did not converge. Singular values to high relative accuracy.
     - ``"randomized"``: Halko–Martinsson–Tropp range finder: ``l = k + oversample`` columns
       (default ``oversample`` = 10) of ``A Ω`` for a fixed-seed Gaussian ``Ω``, ``niter``
       (default 2) subspace iterations, every product orthonormalised in-kernel, then the Jacobi
