@@ -51,7 +51,10 @@ def compare(kernel, reference, tensors, frozen, dtype, dy_shape_of, names):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("shape,r", [((1, 1), 1), ((7, 13), 3), ((33, 130), 8), ((6, 4, 3, 3), 5)])
+# r = 40 and 70: the CUDA gradient kernel's register-resident (33 <= r <= 64) and general
+# (r > 64) dA paths.
+@pytest.mark.parametrize("shape,r", [((1, 1), 1), ((7, 13), 3), ((33, 130), 8), ((6, 4, 3, 3), 5),
+                                     ((20, 70), 40), ((9, 33), 70)])
 def test_lie_weight_matches_reference(device, dtype, first_order, shape, r):
     g = torch.Generator().manual_seed(1)
     W = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
@@ -329,3 +332,20 @@ def test_cuda_half_types(dtype, first_order):
     compare(lambda *t: pk.ops.lie_conv2d(*t, padding=1, scaling=SCALE, first_order=first_order),
             lambda *t: R.lie_conv2d(*t, None, SCALE, first_order, padding=1),
             [xc, conv, Ac, Bc], {1}, dtype, None, ["dx", "dA", "dB"])
+
+
+@pytest.mark.cuda
+def test_cuda_backward_is_flagged_nondeterministic():
+    """The CUDA gradient kernel sums dA and dB with float atomics, so under
+    torch.use_deterministic_algorithms(True) its backward raises, as torch's own such ops do."""
+    W = torch.randn(16, 24, device="cuda")
+    A, B = adapters(16, 24, 4, torch.float32, "cuda")
+    A.requires_grad_()
+    y = pk.ops.lie_weight(W, A, B, scaling=SCALE)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="lie_weight backward"):
+            y.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)

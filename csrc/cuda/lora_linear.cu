@@ -36,9 +36,10 @@ struct alignas(4 * sizeof(T) <= 16 ? 4 * sizeof(T) : 16) Vec4 {
 // One thread per 4-column group (one Philox call gives the group's four keep bits); blocks tile
 // the columns in x and stride over the rows in y, so no thread divides a 64-bit index (a
 // grid-stride loop over row * groups + group measured 23 us per 16 MB chunk, ~3x the copy time).
+// src may be dst (dx is masked in place), so neither is __restrict__.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
-    lora_dropout_kernel(const T* __restrict__ src, T* dst, int64_t rows, int64_t cols,
+    lora_dropout_kernel(const T* src, T* dst, int64_t rows, int64_t cols,
                         int64_t row0, const int64_t* __restrict__ seed_ptr, uint32_t threshold) {
   const T zero = Elem<T>::store(AccT<T>(0));
   const int64_t col4 = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;

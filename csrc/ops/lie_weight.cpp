@@ -40,11 +40,11 @@ Shapes check_weight(const at::Tensor& weight, const at::Tensor& A, const at::Ten
   check_like(kOp, "lora_B", B, weight, "weight");
   check_dim(kOp, "lora_A", A, 2, "[r, K]");
   check_dim(kOp, "lora_B", B, 2, "[out, r]");
-  const int64_t out = weight.size(0), K = out > 0 ? weight.numel() / out : 0, r = A.size(0);
+  const int64_t out = weight.size(0), K = c10::multiply_integers(weight.sizes().begin() + 1, weight.sizes().end()), r = A.size(0);
   TORCH_CHECK_VALUE(r >= 1, kOp, ": the rank r = lora_A.shape[0] must be >= 1, got lora_A of "
                     "shape ", shape_str(A));
   TORCH_CHECK_VALUE(A.size(1) == K, kOp, ": lora_A must have shape [r, ", K,
-                    "] (K = weight.numel() / out_features), got ", shape_str(A));
+                    "] (K = the product of weight's dimensions after the first), got ", shape_str(A));
   TORCH_CHECK_VALUE(B.size(0) == out && B.size(1) == r, kOp, ": lora_B must have shape [", out,
                     ", ", r, "] (out_features from weight, r from lora_A), got ", shape_str(B));
   TORCH_CHECK_VALUE(std::isfinite(scaling), kOp, ": scaling must be finite, got ", scaling);
@@ -95,6 +95,8 @@ void accumulate_grad(const at::Tensor& G_b, const at::Tensor& W2, const at::Tens
   p.dA = dA.mutable_data_ptr();
   p.dB = dB.narrow(0, row0, rows).mutable_data_ptr();
   if (W2.is_cuda()) {
+    // The CUDA kernel adds dA and dB up with float atomics: the low bits vary between runs.
+    at::globalContext().alertNotDeterministic("peft_kernels lie_weight backward (CUDA)");
     PK_CUDA_LAUNCH(W2, lie_weight_grad_cuda(p, current_stream(W2)));
   } else {
     lie_weight_grad_cpu(p);
@@ -177,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lie_linear_bwd(
   check_like(kOp, "grad_out", grad_out, weight, "weight");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.K, kOp, ": x must have shape [..., ", s.K,
                     "], got ", shape_str(x));
-  const int64_t N = x.numel() / std::max<int64_t>(s.K, 1);
+  const int64_t N = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   TORCH_CHECK_VALUE(grad_out.numel() == N * s.out && grad_out.size(-1) == s.out, kOp,
                     ": grad_out must have shape [..., ", s.out, "], got ", shape_str(grad_out));
   const at::Tensor x2 = x.reshape({N, s.K}).contiguous();

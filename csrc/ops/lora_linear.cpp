@@ -79,6 +79,7 @@ DropoutParams dropout_params(const c10::optional<at::Tensor>& seed_contig, doubl
 bool use_merged_weight(const Shapes& s, at::ScalarType dtype, double p, int64_t act) {
   if (p > 0.0 || act != kIdentity) return false;
   if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  if (s.in == 0) return false;  // nothing to merge; x A^T is zeros
   return s.N * (s.in + s.out) >= 2 * s.in * s.out;
 }
 

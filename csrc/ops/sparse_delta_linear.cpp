@@ -79,7 +79,7 @@ Shapes check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Ten
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, kOp, ": bias must have shape [", out,
                       "], got ", shape_str(*bias));
   }
-  return {x.numel() / in, in, out, indices.size(0)};
+  return {c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1), in, out, indices.size(0)};
 }
 
 // Index tensors that passed validation. A layer passes the same index buffer every step, and

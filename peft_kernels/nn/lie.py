@@ -33,7 +33,7 @@ class _LieAdapter(nn.Module):
         self.base = base
         base.requires_grad_(False)
         w = base.weight
-        out, K = w.shape[0], w[0].numel()
+        out, K = w.shape[0], w.shape[1:].numel()
         factory = {"device": w.device, "dtype": w.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, K, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out, r, **factory))

@@ -97,6 +97,11 @@ def _rl_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``t [..., d]`` as ``[rows, d]`` (also when d or the rows are 0, where reshape(-1, d) fails)."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def _rl_backward(ctx, dy):
     x, weight, rotations = ctx.saved_tensors
     need_x, _, need_bias, need_r = ctx.needs_input_grad
@@ -104,11 +109,10 @@ def _rl_backward(ctx, dy):
     if need_x or need_r:
         dx = torch.matmul(dy, _fold(weight, rotations))
     if need_r:
-        outer = _block_outer(dx.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]),
-                             rotations.shape[-1])
+        outer = _block_outer(_rows(dx), _rows(x), rotations.shape[-1])
         dr = torch.matmul(rotations, outer.to(rotations.dtype))
     if need_bias and ctx.has_bias:
-        dbias = dy.reshape(-1, dy.shape[-1]).sum(0)
+        dbias = _rows(dy).sum(0)
     return (dx if need_x else None), None, dbias, dr
 
 

@@ -66,7 +66,9 @@ def lie_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float
 
     weight ``[out, ...]`` (frozen), lora_A ``[r, K]`` with ``K = weight[0].numel()``, lora_B
     ``[out, r]``. Gradients flow to lora_A and lora_B. float32, float64, float16, bfloat16
-    (float32 accumulation; the CPU converts half inputs to float32).
+    (float32 accumulation; the CPU converts half inputs to float32). On CUDA the gradients are
+    summed with atomics (not bit-reproducible: under ``torch.use_deterministic_algorithms(True)``
+    the backward raises); on the CPU they are deterministic.
     """
     check_frozen("lie_weight", weight)
     return _lie_weight(weight, lora_A, lora_B, float(scaling), bool(first_order))
