@@ -22,7 +22,9 @@ def rotate_ref(x, R, transpose):
     return torch.einsum("...kj,kij->...ki", blocks, M.double()).reshape(x.shape)
 
 
-@pytest.mark.parametrize("b", [1, 2, 3, 4, 8, 16, 32, 33])
+# On CUDA: compile-time block sizes (powers of 2 up to 64), runtime b <= 64 (3, 33, 48), and the
+# untiled kernels past 64.
+@pytest.mark.parametrize("b", [1, 2, 3, 4, 8, 16, 32, 33, 48, 64, 65])
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_rotate_matches_reference(device, b, transpose, dtype):
@@ -34,7 +36,7 @@ def test_rotate_matches_reference(device, b, transpose, dtype):
     assert_close(y, rotate_ref(x.cpu(), R.cpu(), transpose), dtype, "y")
 
 
-@pytest.mark.parametrize("b", [1, 3, 8, 32])
+@pytest.mark.parametrize("b", [1, 3, 8, 32, 48, 64, 65])
 @pytest.mark.parametrize("rows", [0, 1, 70, 5000])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_outer_matches_reference(device, b, rows, dtype):

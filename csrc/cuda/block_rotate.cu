@@ -10,7 +10,7 @@
 // The tile kernels run 256-thread blocks over tiles of kTileRows rows x tc features, tc the
 // largest multiple of b that is <= 64, so a tile holds whole blocks. Tiles are staged in shared
 // memory in the accumulation type (16-byte vector loads when the rows allow), from where every
-// thread reads the b features of its block. Compile-time block sizes (2, 4, 8, 16, 32) unroll
+// thread reads the b features of its block. Compile-time block sizes (2, 4, ..., 64) unroll
 // fully and read shared memory as vectors; other b <= 64 run the same kernels with a runtime b
 // bounded by MAXB.
 
@@ -456,6 +456,7 @@ void rotate_dispatch(const BlockRotateParams& p, cudaStream_t stream) {
     case 8: return rotate_launch<T, 8, true>(p, stream);
     case 16: return rotate_launch<T, 16, true>(p, stream);
     case 32: return rotate_launch<T, 32, true>(p, stream);
+    case 64: return rotate_launch<T, 64, true>(p, stream);
     default: break;
   }
   if (p.block_size <= 8) return rotate_launch<T, 8, false>(p, stream);
@@ -515,6 +516,7 @@ void outer_dispatch(const BlockOuterParams& p, void* workspace, cudaStream_t str
     case 8: return outer_launch<T, 8, true>(p, workspace, stream);
     case 16: return outer_launch<T, 16, true>(p, workspace, stream);
     case 32: return outer_launch<T, 32, true>(p, workspace, stream);
+    case 64: return outer_launch<T, 64, true>(p, workspace, stream);
     default: break;
   }
   if (p.block_size <= 8) return outer_launch<T, 8, false>(p, workspace, stream);

@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lie_conv2d_bwd(
         const at::Tensor G_b = std::get<1>(at::convolution_backward(
             dy_b, x_b, o.W2.narrow(0, row0, rows).view(block_shape), c10::nullopt, stride,
             padding, dilation, false, {0, 0}, block_groups_arg, {false, true, false}));
-        accumulate_grad(G_b.view({rows, s.K}), o.W2, o.A, o.B, row0, rows, scaling,
+        accumulate_grad(G_b.reshape({rows, s.K}), o.W2, o.A, o.B, row0, rows, scaling,
                         first_order, o.dA, o.dB);
       }
     }
