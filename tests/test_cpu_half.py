@@ -1,6 +1,7 @@
 """float16 / bfloat16 on the CPU: every layer and op computes in float32 (inputs converted per
 call, results rounded back) and matches the same module in float64 on the same, already rounded,
-values within the half type's tolerance; mismatched dtypes still fail with the op's message."""
+values within the half type's tolerance; mismatched dtypes still fail with the op's message.
+Under torch.autocast every layer takes the region's dtype, float32 parameters beside it."""
 import copy
 
 import pytest
@@ -80,6 +81,50 @@ def test_layer_in_half_precision_matches_float64(name, dtype):
     for n in grads:
         assert grads[n].dtype == dtype, n
         assert_close(grads[n], grads64[n], dtype, f"{name} grad of {n}")
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_under_autocast_matches_float64(name, dtype):
+    """float32 layer and input inside torch.autocast: the layer computes on the autocast dtype
+    (as F.linear / F.conv2d there), its output has that dtype, and the float32 gradients of the
+    input and the parameters are those of the same module in float64 on values rounded to it.
+    The float32 input is also fed through a Linear first: the layer then receives the autocast
+    dtype beside its float32 parameters, which the ops alone would refuse."""
+    torch.manual_seed(0)
+    make, make_input = LAYERS[name]
+    layer = make()
+    randomise_trainable(layer)
+    reference = copy.deepcopy(layer).to(dtype).double()
+    x = make_input(torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        dy = torch.randn_like(layer(x), dtype=torch.float64).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        y, dx, grads = forward_backward(layer, x, dy)
+        y_after_cast, _, _ = forward_backward(copy.deepcopy(layer), x.to(dtype), dy)
+    y64, dx64, grads64 = forward_backward(reference, x.to(dtype).double(), dy.double())
+    assert y.dtype == dtype and dx.dtype == torch.float32
+    assert_close(y, y64, dtype, f"{name} output")
+    assert_close(y_after_cast, y64, dtype, f"{name} output from a {dtype} input")
+    assert_close(dx, dx64, dtype, f"{name} dx")
+    assert grads.keys() == grads64.keys() and grads
+    for n in grads:
+        assert grads[n].dtype == torch.float32, n
+        assert_close(grads[n], grads64[n], dtype, f"{name} grad of {n}")
+
+
+def test_compiled_under_autocast():
+    """torch.compile traces the same autocast handling (fullgraph: no graph break)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(),
+                          pk.nn.LoRALinear.from_linear(nn.Linear(32, 8), r=4))
+    randomise_trainable(model[2])
+    x = torch.randn(5, 16)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_eager = compiled(x), model(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)

@@ -9,6 +9,12 @@ medium layers. So a call made eagerly on plain tensors runs the op's own impleme
 the same setup_context and backward, as an autograd.Function; everything else (compiling,
 tracing, a dispatch mode, a tensor subclass, a functorch transform, a torch-function mode) goes
 through the registered op.
+
+torch.autocast: inside an autocast region an op's implementation runs with autocast off (the
+C++ code's own ATen calls, float32 accumulations among them, must not be recast), and the
+Linear-shaped ops first cast their floating-point inputs to the region's dtype, as F.linear and
+F.conv2d do there: a layer then takes the lower-precision activations of the layers before it
+beside its float32 parameters, and gradients reach those parameters in float32 through the casts.
 """
 from __future__ import annotations
 
@@ -51,9 +57,10 @@ class Op:
     plain tensors run directly. Use as a decorator; register_fake and register_autograd as for
     torch.library.custom_op."""
 
-    def __init__(self, name: str, fn: Callable):
+    def __init__(self, name: str, fn: Callable, cast_under_autocast: bool):
         self.name = name
         self.fn = fn
+        self.cast_under_autocast = cast_under_autocast
         self.op = torch.library.custom_op(name, fn, mutates_args=())
         self._function = None  # the autograd.Function of the direct path, once registered
 
@@ -78,15 +85,28 @@ class Op:
         self._function = Direct
 
     def __call__(self, *args):
+        device_type = args[0].device.type  # every op's first argument is a tensor
+        if torch.is_autocast_enabled(device_type):
+            if self.cast_under_autocast:
+                dtype = torch.get_autocast_dtype(device_type)
+                args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                             else a for a in args)
+            with torch.autocast(device_type, enabled=False):
+                return self._call(args)
+        return self._call(args)
+
+    def _call(self, args):
         if direct_call_ok(args):
             return self._function.apply(*args) if self._function is not None else self.fn(*args)
         return self.op(*args)
 
 
-def custom_op(name: str) -> Callable[[Callable], Op]:
+def custom_op(name: str, *, cast_under_autocast: bool = False) -> Callable[[Callable], Op]:
     """``@custom_op("peft_kernels::name")``: torch.library.custom_op (no mutated arguments) with
-    the direct eager path of :class:`Op`."""
-    return lambda fn: Op(name, fn)
+    the direct eager path of :class:`Op`. Under torch.autocast the op runs with autocast off,
+    after casting its floating-point tensor arguments to the autocast dtype when
+    ``cast_under_autocast`` (the Linear-shaped ops, like F.linear)."""
+    return lambda fn: Op(name, fn, cast_under_autocast)
 
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)

@@ -12,7 +12,7 @@ from peft_kernels.ops._checks import check_frozen, check_one_device
 from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 
-@custom_op("peft_kernels::block_rotate")
+@custom_op("peft_kernels::block_rotate", cast_under_autocast=True)
 def _block_rotate(x: Tensor, rotations: Tensor, transpose: bool) -> Tensor:
     return cpu_half_in_float32(C().block_rotate, x, rotations, transpose, floating=(0, 1))
 
@@ -80,7 +80,7 @@ def _fold(weight: Tensor, rotations: Tensor) -> Tensor:
     return _block_rotate(weight, rotations.to(weight.dtype), True)  # W_blk R_blk
 
 
-@custom_op("peft_kernels::rotated_linear")
+@custom_op("peft_kernels::rotated_linear", cast_under_autocast=True)
 def _rotated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], rotations: Tensor) -> Tensor:
     return torch.nn.functional.linear(x, _fold(weight, rotations), bias)
 

@@ -76,7 +76,7 @@ def lie_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float
 
 # ---------------------------------------------------------------------------------------------
 # Linear: y = x W_effᵀ + bias.
-@custom_op("peft_kernels::lie_linear")
+@custom_op("peft_kernels::lie_linear", cast_under_autocast=True)
 def _lie_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                 scaling: float, first_order: bool) -> Tensor:
     return cpu_half_in_float32(C().lie_linear_fwd, x, weight, lora_A, lora_B, bias, scaling,
@@ -139,7 +139,7 @@ def lie_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, *,
 
 # ---------------------------------------------------------------------------------------------
 # Conv2d (zero padding): y = conv2d(x, W_eff, bias, stride, padding, dilation, groups).
-@custom_op("peft_kernels::lie_conv2d")
+@custom_op("peft_kernels::lie_conv2d", cast_under_autocast=True)
 def _lie_conv2d(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                 stride: list[int], padding: list[int], dilation: list[int], groups: int,
                 scaling: float, first_order: bool) -> Tensor:

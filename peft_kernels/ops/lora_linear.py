@@ -17,7 +17,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@custom_op("peft_kernels::lora_linear_fwd")
+@custom_op("peft_kernels::lora_linear_fwd", cast_under_autocast=True)
 def _lora_linear_fwd(
     x: Tensor,
     weight: Tensor,

@@ -15,7 +15,7 @@ from peft_kernels.ops._checks import check_frozen, check_one_device
 from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 
-@custom_op("peft_kernels::sparse_delta_linear_fwd")
+@custom_op("peft_kernels::sparse_delta_linear_fwd", cast_under_autocast=True)
 def _sparse_delta_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor,
                              bias: Optional[Tensor]) -> Tensor:
     return cpu_half_in_float32(C().sparse_delta_linear_fwd, x, weight, indices, values, bias,
