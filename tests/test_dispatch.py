@@ -101,3 +101,53 @@ def test_meta_tensors_take_the_fake_kernel(case):
     run_meta, inputs_meta = make("meta")
     got = run_meta(*inputs_meta)
     assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torch_func_grad_and_vjp(device, case):
+    """torch.func's reverse mode runs the ops as autograd.Functions of its own form: the same
+    gradients as eager autograd, also from a vjp function called after its transform returned."""
+    make, _ = CASES[case]
+    run, inputs = make(device)
+    _, want, _ = _forward_backward(run, inputs)
+    y, vjp_fn = torch.func.vjp(lambda *t: _first_output(run(*t)), *inputs)
+    got = vjp_fn(torch.ones_like(y))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    got = torch.func.grad(lambda *t: _first_output(run(*t)).sum(),
+                          argnums=tuple(range(len(inputs))))(*inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torch_func_vmap_jacrev_and_per_sample_grads(case):
+    make, _ = CASES[case]
+    run, inputs = make("cpu")
+    f = lambda *t: _first_output(run(*t))
+    # vmap over the first input's leading dimension: one call per entry.
+    got = torch.func.vmap(f, in_dims=(0,) + (None,) * (len(inputs) - 1))(*inputs)
+    want = torch.stack([f(inputs[0][i], *inputs[1:]) for i in range(inputs[0].shape[0])])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # jacrev (vmap over the backward) against autograd's row-by-row Jacobian.
+    last = len(inputs) - 1
+    jac = torch.func.jacrev(f, argnums=last)(*inputs)
+    want = torch.autograd.functional.jacobian(lambda t: f(*inputs[:-1], t), inputs[-1])
+    torch.testing.assert_close(jac, want, rtol=1e-12, atol=1e-12)
+    # per-sample gradients (vmap of grad, as differentially private training takes them)
+    loss = lambda first, *rest: f(first, *rest).square().sum()
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=last),
+                                 in_dims=(0,) + (None,) * last)(*inputs)
+    want = torch.stack([torch.func.grad(loss, argnums=last)(inputs[0][i], *inputs[1:])
+                        for i in range(inputs[0].shape[0])])
+    torch.testing.assert_close(per_sample, want, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_mode_is_refused_clearly():
+    run, inputs = _lie("cpu")
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jacfwd(run, argnums=1)(*inputs)

@@ -7,8 +7,13 @@ that way against 213-227 µs calling the same C++ entry points from a torch.auto
 (3-line layer on 4 x 16 inputs, CPU). On a GPU that host time is the step time of small and
 medium layers. So a call made eagerly on plain tensors runs the op's own implementation, with
 the same setup_context and backward, as an autograd.Function; everything else (compiling,
-tracing, a dispatch mode, a tensor subclass, a functorch transform, a torch-function mode) goes
-through the registered op.
+tracing, a dispatch mode, a tensor subclass, a torch-function mode) goes through the registered
+op.
+
+torch.func transforms: the registered op's autograd is not in the form they take, so under
+grad / vjp / jacrev / vmap alone the op runs as an autograd.Function with a separate
+setup_context, whose vmap rule calls the op once per batch entry. Forward mode (jvp, jacfwd,
+hessian) is not implemented and says so.
 
 torch.autocast: inside an autocast region an op's implementation runs with autocast off (the
 C++ code's own ATen calls, float32 accumulations among them, must not be recast), and the
@@ -27,29 +32,41 @@ from torch.autograd.function import once_differentiable
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain(arg) -> bool:
+def _plain(arg, wrapped_ok: bool = False) -> bool:
     kind = type(arg)
     if kind in _PLAIN_TENSORS:
         # The kernels read CPU or CUDA memory; meta tensors (shapes only) and other devices
-        # go to the fake kernel or the dispatcher's error.
-        return arg.is_cpu or arg.is_cuda
+        # go to the fake kernel or the dispatcher's error. A torch.func wrapper (no storage;
+        # e.g. saved by a vjp whose transform has returned) goes to the dispatcher, which
+        # unwraps it.
+        return ((arg.is_cpu or arg.is_cuda)
+                and (wrapped_ok or not torch._C._functorch.is_functorch_wrapped_tensor(arg)))
     if isinstance(arg, torch.Tensor):  # a subclass: FakeTensor, DTensor, ...
         return False
     if kind is list or kind is tuple:
-        return all(_plain(a) for a in arg)
+        return all(_plain(a, wrapped_ok) for a in arg)
     return True
+
+
+def _no_interception() -> bool:
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or torch._C._is_torch_function_mode_enabled())
 
 
 def direct_call_ok(args) -> bool:
     """Whether `args` may go straight to the C++ kernels: eager, plain tensors, nothing
     intercepting the call."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if not _no_interception() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return all(_plain(a) for a in args)
+
+
+def functorch_call_ok(args) -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is all that intercepts the call:
+    then the op runs as an autograd.Function in the form those transforms take (a registered
+    custom op's autograd is not)."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None and _no_interception()
+            and all(_plain(a, wrapped_ok=True) for a in args))
 
 
 class Op:
@@ -63,6 +80,10 @@ class Op:
         self.cast_under_autocast = cast_under_autocast
         self.op = torch.library.custom_op(name, fn, mutates_args=())
         self._function = None  # the autograd.Function of the direct path, once registered
+        # The same for torch.func transforms; until an autograd formula is registered, one for
+        # the backward kernels, which transforms reach with their tensors wrapped (no data
+        # pointer) and which only an autograd.Function's forward sees unwrapped.
+        self._functorch_function = self._function_class(fn, _setup_nothing, self._no_derivative)
 
     def register_fake(self, fake: Callable) -> Callable:
         return self.op.register_fake(fake)
@@ -83,10 +104,33 @@ class Op:
             "forward": staticmethod(forward),
             "backward": staticmethod(once_differentiable(backward))})
         self._function = Direct
+        self._functorch_function = self._function_class(fn, setup_context, backward)
+
+    def _function_class(self, forward, setup_context, backward):
+        """An autograd.Function in the form torch.func takes (no ctx in forward)."""
+        return type(self.name.split("::")[-1], (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            "vmap": staticmethod(self._vmap_by_loop)})
+
+    def _vmap_by_loop(self, info, in_dims, *args):
+        """torch.func.vmap's rule: the op once per batch entry, results stacked (correct for
+        every op and argument; one call per entry, so per-sample work costs a call each)."""
+        outputs = [self(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
+                   for i in range(info.batch_size)]
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outputs)), (0,) * len(outputs[0])
+        return torch.stack(outputs), 0
+
+    def _no_derivative(self, ctx, *grads):
+        raise RuntimeError(f"{self.name} has no derivative: it is a backward kernel, so the "
+                           "ops are once differentiable")
 
     def __call__(self, *args):
         device_type = args[0].device.type  # every op's first argument is a tensor
-        if torch.is_autocast_enabled(device_type):
+        # (The kernels' devices; autocast has no state for others, meta among them.)
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
             if self.cast_under_autocast:
                 dtype = torch.get_autocast_dtype(device_type)
                 args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
@@ -98,7 +142,13 @@ class Op:
     def _call(self, args):
         if direct_call_ok(args):
             return self._function.apply(*args) if self._function is not None else self.fn(*args)
+        if self._functorch_function is not None and functorch_call_ok(args):
+            return self._functorch_function.apply(*args)
         return self.op(*args)
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
 
 
 def custom_op(name: str, *, cast_under_autocast: bool = False) -> Callable[[Callable], Op]:
