@@ -113,6 +113,34 @@ def test_layer_under_autocast_matches_float64(name, dtype):
         assert_close(grads[n], grads64[n], dtype, f"{name} grad of {n}")
 
 
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_float32_adapter_on_half_base(name, dtype):
+    """Trainable parameters upcast to float32 on a half-precision base (float32 master weights,
+    as PEFT training scripts do): the layer computes in the base's dtype and gives the same
+    output as the all-half layer, with float32 gradients equal to its gradients."""
+    torch.manual_seed(0)
+    make, make_input = LAYERS[name]
+    half = make()
+    randomise_trainable(half)
+    half = half.to(dtype)
+    mixed = copy.deepcopy(half)
+    for p in mixed.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    x = make_input(dtype)
+    with torch.no_grad():
+        dy = torch.randn_like(half(x), dtype=torch.float64).to(dtype)
+    y, dx, grads = forward_backward(half, x, dy)
+    y_mixed, dx_mixed, grads_mixed = forward_backward(mixed, x, dy)
+    assert y_mixed.dtype == dtype
+    assert_close(y_mixed, y, dtype, f"{name} output")
+    assert_close(dx_mixed, dx, dtype, f"{name} dx")
+    for n in grads:
+        assert grads_mixed[n].dtype == torch.float32, n
+        assert_close(grads_mixed[n], grads[n], dtype, f"{name} grad of {n}")
+
+
 def test_compiled_under_autocast():
     """torch.compile traces the same autocast handling (fullgraph: no graph break)."""
     torch.manual_seed(0)

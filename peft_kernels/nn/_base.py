@@ -1,8 +1,18 @@
 """What the layers that wrap a frozen ``nn.Linear`` (kept as ``self.base``) share."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
+
+
+def in_base_dtype(t: Optional[Tensor], base_weight: Tensor) -> Optional[Tensor]:
+    """``t`` in the frozen weight's dtype, which the ops compute in. Adapter parameters kept
+    wider than a half-precision base (float32 master weights, as PEFT scripts upcast the
+    trainable parameters) enter through a differentiable cast: their gradients come back in
+    their own dtype."""
+    return t if t is None or t.dtype == base_weight.dtype else t.to(base_weight.dtype)
 
 
 class WrappedLinear(nn.Module):

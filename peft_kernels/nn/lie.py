@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peft_kernels.nn._base import in_base_dtype
 from peft_kernels.ops.lie_weight import lie_conv2d, lie_linear
 
 
@@ -122,8 +123,10 @@ class LieLinear(_LieAdapter):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
-        return lie_linear(x, self.base.weight, self.lora_A, self.lora_B, bias=self.base.bias,
-                          scaling=self.scaling, first_order=self.first_order)
+        w = self.base.weight
+        return lie_linear(x, w, in_base_dtype(self.lora_A, w), in_base_dtype(self.lora_B, w),
+                          bias=in_base_dtype(self.base.bias, w), scaling=self.scaling,
+                          first_order=self.first_order)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.base.in_features}, out_features={self.base.out_features}, "
@@ -161,7 +164,9 @@ class LieConv2d(_LieAdapter):
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
             padding = 0
-        return lie_conv2d(x, conv.weight, self.lora_A, self.lora_B, bias=conv.bias,
+        w = conv.weight
+        return lie_conv2d(x, w, in_base_dtype(self.lora_A, w), in_base_dtype(self.lora_B, w),
+                          bias=in_base_dtype(conv.bias, w),
                           stride=conv.stride, padding=padding, dilation=conv.dilation,
                           groups=conv.groups, scaling=self.scaling, first_order=self.first_order)
 

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from peft_kernels.nn._base import WrappedLinear
+from peft_kernels.nn._base import WrappedLinear, in_base_dtype
 from peft_kernels.ops.lora_linear import ACTIVATIONS, lora_linear
 
 
@@ -108,10 +108,11 @@ class LoRALinear(WrappedLinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
+        w = self.base.weight
         return lora_linear(
-            x, self.base.weight, self.lora_A, self.lora_B, scaling=self.scaling,
-            bias=self.base.bias, dropout_p=self.dropout, activation=self.activation,
-            training=self.training,
+            x, w, in_base_dtype(self.lora_A, w), in_base_dtype(self.lora_B, w),
+            scaling=self.scaling, bias=in_base_dtype(self.base.bias, w), dropout_p=self.dropout,
+            activation=self.activation, training=self.training,
         )
 
     def delta_weight(self) -> Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from peft_kernels.nn._base import in_base_dtype
 from peft_kernels.ops.block_rotate import block_rotate, rotated_linear
 from peft_kernels.ops.expm import expm
 
@@ -123,7 +124,8 @@ class OrthogonalLinear(_OrthogonalBlocks):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
-        return rotated_linear(x, self.base.weight, self.rotations(), self.base.bias)
+        w = self.base.weight
+        return rotated_linear(x, w, in_base_dtype(self.rotations(), w), in_base_dtype(self.base.bias, w))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.base.in_features}, out_features={self.base.out_features}, "
@@ -155,7 +157,7 @@ class OrthogonalConv2d(_OrthogonalBlocks):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
-        return self.base(rotate_blocks(x, self.rotations(), dim=-3))
+        return self.base(rotate_blocks(x, in_base_dtype(self.rotations(), self.base.weight), dim=-3))
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.base.in_channels}, out_channels={self.base.out_channels}, "

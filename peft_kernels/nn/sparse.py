@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peft_kernels.nn._base import WrappedLinear
+from peft_kernels.nn._base import WrappedLinear, in_base_dtype
 from peft_kernels.ops.sparse_delta_linear import sparse_delta_linear
 
 
@@ -82,7 +82,9 @@ class SparseDeltaLinear(WrappedLinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
-        return sparse_delta_linear(x, self.base.weight, self.indices, self.values, bias=self.base.bias)
+        w = self.base.weight
+        return sparse_delta_linear(x, w, self.indices, in_base_dtype(self.values, w),
+                                   bias=in_base_dtype(self.base.bias, w))
 
     def delta_weight(self) -> Tensor:
         """The dense Δ (``out×in``) in the values' dtype."""

@@ -11,7 +11,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from peft_kernels.nn._base import WrappedLinear
+from peft_kernels.nn._base import WrappedLinear, in_base_dtype
 from peft_kernels.ops.lora_linear import lora_linear
 
 
@@ -95,7 +95,9 @@ class SVDNodeLinear(WrappedLinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.rank == 0:
             return self.base(x)
-        return lora_linear(x, self.base.weight, self.B, self.A, scaling=1.0, bias=self.base.bias)
+        w = self.base.weight
+        return lora_linear(x, w, in_base_dtype(self.B, w), in_base_dtype(self.A, w), scaling=1.0,
+                           bias=in_base_dtype(self.base.bias, w))
 
     def low_rank_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """``A B`` ([out, in], detached) in ``dtype`` (default: float32 or wider)."""
