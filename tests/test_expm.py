@@ -158,6 +158,21 @@ def test_non_finite_matrix_gives_nan_for_that_matrix_only():
     assert torch.isfinite(A.grad[[0, 3]]).all()
 
 
+@pytest.mark.parametrize("n", [3, 8, 49, 130])
+def test_nan_in_a_small_matrix_gives_nan(device, n):
+    """A NaN in a column other than the last of a near-zero matrix: its 1-norm must be NaN
+    (a finite later column once replaced it: degree 1 was chosen and exp came out finite, with
+    NaN only where the NaN entry was)."""
+    A = torch.zeros(2, n, n, dtype=torch.float64, device=device)
+    A[0, 0, 1] = float("nan")
+    A.requires_grad_()
+    E = pk.ops.expm(A)
+    assert torch.isnan(E[0]).all()
+    torch.testing.assert_close(E[1].detach(), torch.eye(n, dtype=torch.float64, device=device))
+    (dA,) = torch.autograd.grad(E, A, torch.ones_like(E))
+    assert torch.isnan(dA[0]).all() and torch.isfinite(dA[1]).all()
+
+
 def test_huge_norm_terminates():
     A = torch.tensor(np.stack([make_matrix("skew", 4, 1e300), make_matrix("skew", 4, 1.0)]))
     E = pk.ops.expm(A)  # ~1000 squarings of a rotation: finishes, whatever the rounding gives

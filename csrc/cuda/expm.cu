@@ -68,7 +68,7 @@ struct BlockBackend {
     for (int64_t j = tid; j < n; j += nt) {
       double column = 0.0;
       for (int64_t i = 0; i < n; ++i) column += fabs(static_cast<double>(X[i * n + j]));
-      if (!(column <= best)) best = column;  // NaN wins
+      if (isnan(column) || column > best) best = column;  // NaN wins and stays
     }
     // Every thread must have read the previous call's result (red[0]) before red is reused:
     // the evaluation calls norm1 back to back for A^2 and A^3.

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 
 #include "kernels/truncated_svd.h"
 
@@ -297,7 +298,8 @@ void jacobi_svd_cuda(const JacobiSvdParams& p, cudaStream_t stream) {
   switch (p.dtype) {
     case DType::kFloat32: launch_jacobi<float>(p, stream); break;
     case DType::kFloat64: launch_jacobi<double>(p, stream); break;
-    default: break;  // csrc/ops computes half types in float32
+    default:  // csrc/ops computes half types in float32: reaching here is a wiring error
+      throw std::logic_error("truncated_svd: the CUDA kernels take float32 or float64");
   }
 }
 
@@ -306,7 +308,8 @@ void orthonormalize_cuda(const OrthonormalizeParams& p, cudaStream_t stream) {
   switch (p.dtype) {
     case DType::kFloat32: launch_orthonormalize<float>(p, stream); break;
     case DType::kFloat64: launch_orthonormalize<double>(p, stream); break;
-    default: break;  // csrc/ops computes half types in float32
+    default:  // csrc/ops computes half types in float32: reaching here is a wiring error
+      throw std::logic_error("truncated_svd: the CUDA kernels take float32 or float64");
   }
 }
 

@@ -101,7 +101,8 @@ HOST_DEVICE double norm1_serial(const T* X, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     double column = 0.0;
     for (int64_t i = 0; i < n; ++i) column += fabs(static_cast<double>(X[i * n + j]));
-    if (!(column <= best)) best = column;  // so that NaN wins, which max() would drop
+    // NaN wins (max() would drop it) and stays: once best is NaN, no comparison replaces it.
+    if (isnan(column) || column > best) best = column;
   }
   return best;
 }
