@@ -30,6 +30,10 @@ from torch.autograd.function import once_differentiable
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# One check for every device type (~70 ns, against ~600 ns for a tensor's device type and its
+# autocast state); where torch lacks it, every call takes the per-device check.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+_is_functorch_wrapper = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _plain(arg, wrapped_ok: bool = False) -> bool:
@@ -40,7 +44,7 @@ def _plain(arg, wrapped_ok: bool = False) -> bool:
         # e.g. saved by a vjp whose transform has returned) goes to the dispatcher, which
         # unwraps it.
         return ((arg.is_cpu or arg.is_cuda)
-                and (wrapped_ok or not torch._C._functorch.is_functorch_wrapped_tensor(arg)))
+                and (wrapped_ok or not _is_functorch_wrapper(arg)))
     if isinstance(arg, torch.Tensor):  # a subclass: FakeTensor, DTensor, ...
         return False
     if kind is list or kind is tuple:
@@ -128,16 +132,20 @@ class Op:
                            "ops are once differentiable")
 
     def __call__(self, *args):
-        device_type = args[0].device.type  # every op's first argument is a tensor
-        # (The kernels' devices; autocast has no state for others, meta among them.)
-        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-            if self.cast_under_autocast:
-                dtype = torch.get_autocast_dtype(device_type)
-                args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                             else a for a in args)
-            with torch.autocast(device_type, enabled=False):
-                return self._call(args)
+        if _any_autocast():
+            device_type = args[0].device.type  # every op's first argument is a tensor
+            # (The kernels' devices; autocast has no state for others, meta among them.)
+            if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+                return self._call_in_autocast(args, device_type)
         return self._call(args)
+
+    def _call_in_autocast(self, args, device_type: str):
+        if self.cast_under_autocast:
+            dtype = torch.get_autocast_dtype(device_type)
+            args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                         else a for a in args)
+        with torch.autocast(device_type, enabled=False):
+            return self._call(args)
 
     def _call(self, args):
         if direct_call_ok(args):
