@@ -135,6 +135,8 @@ def lora_linear(
     (erf form) or "silu" make it a parallel bottleneck adapter. Dropout (inverted, as
     ``torch.nn.Dropout``) acts on the adapter branch only and only when ``training``; its mask is a
     function of ``seed`` (default: :func:`draw_dropout_seed`), regenerated in backward, never stored.
+    The mask compares 24 random bits with ``round(dropout_p · 2²⁴)``, so the drop probability is
+    ``dropout_p`` to within 2⁻²⁵ (below 2⁻²⁵ nothing is dropped).
 
     Gradients flow to x, lora_A, lora_B and bias. float32, float64, float16, bfloat16 (float32
     accumulation; the CPU converts half inputs to float32).
