@@ -40,11 +40,13 @@ Shapes check_weight(const at::Tensor& weight, const at::Tensor& A, const at::Ten
   check_like(kOp, "lora_B", B, weight, "weight");
   check_dim(kOp, "lora_A", A, 2, "[r, K]");
   check_dim(kOp, "lora_B", B, 2, "[out, r]");
-  const int64_t out = weight.size(0), K = c10::multiply_integers(weight.sizes().begin() + 1, weight.sizes().end()), r = A.size(0);
+  const int64_t out = weight.size(0), r = A.size(0);
+  const int64_t K = c10::multiply_integers(weight.sizes().begin() + 1, weight.sizes().end());
   TORCH_CHECK_VALUE(r >= 1, kOp, ": the rank r = lora_A.shape[0] must be >= 1, got lora_A of "
                     "shape ", shape_str(A));
   TORCH_CHECK_VALUE(A.size(1) == K, kOp, ": lora_A must have shape [r, ", K,
-                    "] (K = the product of weight's dimensions after the first), got ", shape_str(A));
+                    "] (K = the product of weight's dimensions after the first), got ",
+                    shape_str(A));
   TORCH_CHECK_VALUE(B.size(0) == out && B.size(1) == r, kOp, ": lora_B must have shape [", out,
                     ", ", r, "] (out_features from weight, r from lora_A), got ", shape_str(B));
   TORCH_CHECK_VALUE(std::isfinite(scaling), kOp, ": scaling must be finite, got ", scaling);

@@ -125,7 +125,8 @@ class OrthogonalLinear(_OrthogonalBlocks):
         if self.merged:
             return self.base(x)
         w = self.base.weight
-        return rotated_linear(x, w, in_base_dtype(self.rotations(), w), in_base_dtype(self.base.bias, w))
+        return rotated_linear(x, w, in_base_dtype(self.rotations(), w),
+                              in_base_dtype(self.base.bias, w))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.base.in_features}, out_features={self.base.out_features}, "
@@ -157,7 +158,8 @@ class OrthogonalConv2d(_OrthogonalBlocks):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
-        return self.base(rotate_blocks(x, in_base_dtype(self.rotations(), self.base.weight), dim=-3))
+        rotations = in_base_dtype(self.rotations(), self.base.weight)
+        return self.base(rotate_blocks(x, rotations, dim=-3))
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.base.in_channels}, out_channels={self.base.out_channels}, "

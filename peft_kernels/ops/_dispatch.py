@@ -150,7 +150,7 @@ class Op:
     def _call(self, args):
         if direct_call_ok(args):
             return self._function.apply(*args) if self._function is not None else self.fn(*args)
-        if self._functorch_function is not None and functorch_call_ok(args):
+        if functorch_call_ok(args):
             return self._functorch_function.apply(*args)
         return self.op(*args)
 
