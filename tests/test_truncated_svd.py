@@ -194,6 +194,25 @@ def test_randomized_is_deterministic_and_batch_independent(device):
     assert torch.equal(S2, S) and torch.equal(U2, U)
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_randomized_in_chunks_matches_one_matrix_at_a_time(wide):
+    # 3.4 MB float64 matrices: the CPU runs a batch of six in chunks of at most 16 MiB (see
+    # randomized_chunk), scaling each chunk's matrices on their own; the extreme one sits in the
+    # last chunk.
+    A = decaying(700, 600, batch=(6,), seed=9)
+    A[5] *= 1e20
+    if wide:
+        A = A.mT
+    U, S, Vh = pk.ops.truncated_svd(A, 5, method="randomized")
+    for i in range(6):
+        U1, S1, Vh1 = pk.ops.truncated_svd(A[i:i + 1], 5, method="randomized")
+        torch.testing.assert_close(S1[0], S[i], rtol=1e-12, atol=0)
+        torch.testing.assert_close(U1[0], U[i], rtol=0, atol=1e-12)
+        torch.testing.assert_close(Vh1[0], Vh[i], rtol=0, atol=1e-12)
+    s_all = torch.linalg.svdvals(A)[..., :5]
+    assert ((S - s_all).abs() / s_all).max() <= 1e-3
+
+
 def test_auto_rules():
     assert _resolve_method("auto", 64, 64, 64, 10) == "jacobi"
     assert _resolve_method("auto", 768, 768, 10, 10) == "randomized"
