@@ -1,4 +1,6 @@
 """PiSSA initialisation: LoRALinear.from_linear(init="pissa") and pk.nn.pissa_init."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -117,6 +119,30 @@ def test_pissa_init_one_batched_call_per_group(monkeypatch):
         ((1, 8, 32), torch.float64, 2, {"method": "auto"}),
         ((1, 32, 32), torch.float32, 2, {"method": "auto"}),
     ], key=str)
+
+
+def test_pissa_init_slices_large_groups(monkeypatch):
+    # Four 32 x 32 float64 weights (8 KiB each) and a 20 KiB slice: two calls of two layers,
+    # equal to the one call of four.
+    torch.manual_seed(5)
+    whole = [pk.nn.LoRALinear.from_linear(nn.Linear(32, 32, dtype=torch.float64), r, alpha=8.0)
+             for r in (6, 3, 2, 5)]
+    sliced = copy.deepcopy(whole)
+    pk.nn.pissa_init(whole)
+    calls = []
+    svd = pk.ops.truncated_svd
+
+    def spy(A, k, **kw):
+        calls.append((tuple(A.shape), k))
+        return svd(A, k, **kw)
+
+    monkeypatch.setattr(pk.ops, "truncated_svd", spy)
+    monkeypatch.setattr(pk.nn.lora, "PISSA_SLICE_BYTES", 20 * 1024)
+    pk.nn.pissa_init(sliced)
+    assert calls == [((2, 32, 32), 6), ((2, 32, 32), 6)]
+    for ref, got in zip(whole, sliced):
+        assert torch.equal(got.lora_A, ref.lora_A) and torch.equal(got.lora_B, ref.lora_B)
+        assert torch.equal(got.base.weight, ref.base.weight)
 
 
 def test_pissa_init_passes_svd_options_and_keeps_outputs_with_a_sketch():

@@ -187,6 +187,14 @@ int64_t randomized_chunk(int64_t batch, int64_t matrix_bytes) {
   return std::min(batch, std::max<int64_t>(1, kChunkBytes / matrix_bytes / threads) * threads);
 }
 
+// Matrices per call otherwise: the working copies (the float32 copy of a half-precision batch,
+// the exact method's contiguous and refinement copies) stay within ~1 GiB however large the
+// batch (PiSSA on a 7B model: 17 GiB of float32 MLP weights), in chunks that still fill a GPU.
+int64_t work_chunk(int64_t batch, int64_t matrix_bytes) {
+  constexpr int64_t kChunkBytes = int64_t{1} << 30;
+  return std::min(batch, std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, matrix_bytes)));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_columns(const at::Tensor& X) {
@@ -245,11 +253,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
   const int64_t p = std::min(m, n);
   const at::Tensor omega =
       randomized ? sketch(p, std::min(k + oversample, p), A.options().dtype(work)) : at::Tensor();
-  // Chunks only for the CPU's randomized method (see randomized_chunk); its answer for a matrix
-  // does not depend on the batch around it.
-  const int64_t chunk = randomized && !A.is_cuda()
-                            ? randomized_chunk(batch, m * n * at::elementSize(work))
-                            : batch;
+  // Both methods' answer for a matrix does not depend on the batch around it, so chunks change
+  // only where the work happens.
+  const int64_t matrix_bytes = m * n * static_cast<int64_t>(at::elementSize(work));
+  const int64_t chunk = randomized && !A.is_cuda() ? randomized_chunk(batch, matrix_bytes)
+                                                   : work_chunk(batch, matrix_bytes);
   const at::Tensor A3 = A.reshape({batch, m, n});
   std::vector<at::Tensor> Us, Ss, Vhs;
   for (int64_t start = 0; start < batch; start += chunk) {

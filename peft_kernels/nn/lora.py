@@ -198,6 +198,10 @@ def _write_pissa(layer: LoRALinear, U: Tensor, S: Tensor, Vh: Tensor) -> None:
     w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
 
 
+# Bytes of same-shaped base weights that pissa_init stacks into one truncated_svd call.
+PISSA_SLICE_BYTES = 1 << 30
+
+
 def pissa_init(
     model_or_layers: Union[nn.Module, Iterable[LoRALinear]],
     *,
@@ -210,8 +214,9 @@ def pissa_init(
     Each layer keeps its own r and scaling s: ``A = sqrt(S_r) Vh_r / sqrt(s)``,
     ``B = U_r sqrt(S_r) / sqrt(s)`` from the top-r SVD of its base weight W, and the base weight
     becomes ``W - s·B A``, so the model's outputs are unchanged. Layers whose weights share shape,
-    dtype and device are stacked and decomposed by one batched ``pk.ops.truncated_svd`` call
-    (k = the largest r of the group; each layer takes its first r triplets). ``niter``,
+    dtype and device are stacked and decomposed by batched ``pk.ops.truncated_svd`` calls of
+    up to ``PISSA_SLICE_BYTES`` (1 GiB) of weights each (k = the largest r of the group; each
+    layer takes its first r triplets). ``niter``,
     ``oversample`` and ``method`` are passed to that op when given. Parameters are written in
     place, so an optimizer built before keeps working.
 
@@ -257,9 +262,16 @@ def pissa_init(
                    (("niter", niter), ("oversample", oversample), ("method", method))
                    if value is not None}
     for layers in groups.values():
-        stacked = torch.stack([layer.base.weight.detach() for layer in layers])
-        U, S, Vh = _top_singular_triplets(stacked, max(layer.r for layer in layers), svd_options)
-        del stacked
-        for i, layer in enumerate(layers):
-            _write_pissa(layer, U[i], S[i], Vh[i])
+        w = layers[0].base.weight
+        k = max(layer.r for layer in layers)
+        # Slices of at most PISSA_SLICE_BYTES of stacked weights: a whole 7B model's MLP group
+        # would be an 8.7 GB bfloat16 stack and a 17 GB float32 copy next to the model.
+        per_slice = max(1, PISSA_SLICE_BYTES // (w.numel() * w.element_size()))
+        for start in range(0, len(layers), per_slice):
+            part = layers[start:start + per_slice]
+            stacked = torch.stack([layer.base.weight.detach() for layer in part])
+            U, S, Vh = _top_singular_triplets(stacked, k, svd_options)
+            del stacked
+            for i, layer in enumerate(part):
+                _write_pissa(layer, U[i], S[i], Vh[i])
     return dict(named)
