@@ -61,18 +61,17 @@ def main():
     head[4].requires_grad_(True)
     full = copy.deepcopy(base)
     lora = copy.deepcopy(base)
-    lora.requires_grad_(False)
-    for i in (0, 2):
-        lora[i] = pk.nn.LoRALinear.from_linear(lora[i], r=4, alpha=8, dropout=0.05)
+    # The two hidden linears (modules "0" and "2" of the Sequential) get LoRA; the rest freezes.
+    pk.nn.inject_adapters(lora, ["0", "2"],
+                          lambda m: pk.nn.LoRALinear.from_linear(m, r=4, alpha=8, dropout=0.05))
     lora[4].requires_grad_(True)
 
     for name, model, lr in (("head only", head, 3e-3), ("full fine-tuning", full, 1e-3),
                             ("LoRA r=4 (peft_kernels)", lora, 3e-3)):
         n = train(model, xb, yb, args.steps, lr)
         print(f"{name:<26} trainable {n:>7}  task-B test accuracy {accuracy(model, xb_test, yb_test):.3f}")
-    for i in (0, 2):
-        lora[i].merge()
-    print(f"LoRA after merge()            task-B test accuracy {accuracy(lora, xb_test, yb_test):.3f}")
+    plain = pk.nn.merge_and_unload(lora)  # nn.Linear layers holding W + s·B A
+    print(f"LoRA after merge_and_unload() task-B test accuracy {accuracy(plain, xb_test, yb_test):.3f}")
 
 
 if __name__ == "__main__":

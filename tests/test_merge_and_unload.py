@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import peft_kernels as pk
-from peft_kernels.nn.unload import ADAPTER_LAYERS
+from peft_kernels.nn.convert import ADAPTER_LAYERS
 
 TOL = dict(rtol=1e-12, atol=1e-12)  # float64 weights rounded once each; measured 1.4e-16
 
@@ -96,3 +96,80 @@ def test_unmergeable_adapter_raises_and_leaves_the_model_untouched():
 def test_bad_model():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         pk.nn.merge_and_unload("model")
+
+
+# ------------------------------------------------------------------------------ inject_adapters
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        kw = dict(dtype=torch.float64)
+        self.q, self.qk, self.v = nn.Linear(16, 16, **kw), nn.Linear(16, 16, **kw), nn.Linear(16, 16, **kw)
+        self.mlp = nn.Sequential(nn.Linear(16, 32, **kw), nn.ReLU(), nn.Linear(32, 16, **kw))
+
+    def forward(self, x):
+        return self.mlp(self.q(x) * torch.sigmoid(self.qk(x)) + self.v(x))
+
+
+def blocks(n=2):
+    torch.manual_seed(1)
+    return nn.Sequential(*[Block() for _ in range(n)])
+
+
+def lora(m):
+    return pk.nn.LoRALinear.from_linear(m, 2)
+
+
+def test_inject_by_name_freezes_the_rest_and_keeps_outputs():
+    model = blocks()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    want = model(x)
+    new = pk.nn.inject_adapters(model, ["q", "v"], lora)
+    assert sorted(new) == ["0.q", "0.v", "1.q", "1.v"]
+    assert all(model.get_submodule(name) is layer for name, layer in new.items())
+    assert isinstance(model[0].qk, nn.Linear) and not isinstance(model[0].qk, pk.nn.LoRALinear)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"{b}.{t}.lora_{m}" for b in "01" for t in "qv" for m in "AB")
+    torch.testing.assert_close(model(x), want, rtol=0, atol=1e-15)  # B = 0 at initialisation
+
+
+def test_inject_by_callable_outer_match_wins_and_freeze_off():
+    model = blocks(1)
+    chosen = pk.nn.inject_adapters(model, lambda name, m: name == "0.mlp" or isinstance(m, nn.Linear),
+                                   lambda m: m if isinstance(m, nn.Linear) else nn.Sequential(m),
+                                   freeze=False)
+    # 0.mlp is chosen, so its two Linears are not considered on their own.
+    assert sorted(chosen) == ["0.mlp", "0.q", "0.qk", "0.v"]
+    assert isinstance(model[0].mlp, nn.Sequential) and model[0].mlp[0] is chosen["0.mlp"][0]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_inject_then_merge_and_unload_round_trip():
+    model = blocks()
+    pk.nn.inject_adapters(model, "v", lambda m: pk.nn.LieLinear.from_linear(m, 2))
+    for layer in model.modules():
+        if isinstance(layer, pk.nn.LieLinear):
+            nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        got = pk.nn.merge_and_unload(model)(x)
+    torch.testing.assert_close(got, want, **TOL)
+    assert type(model[0].v) is nn.Linear
+
+
+@pytest.mark.parametrize("targets,make,exc,text", [
+    (["nothing"], lora, ValueError, "matched no submodule"),
+    ([], lora, TypeError, "targets must be"),
+    ([3], lora, TypeError, "targets must be"),
+    ("q", "not callable", TypeError, "make must be callable"),
+    ("q", lambda m: 1.0, TypeError, "make returned float for '0.q'"),
+])
+def test_inject_bad_inputs_leave_the_model_untouched(targets, make, exc, text):
+    model = blocks()
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(exc, match=text):
+        pk.nn.inject_adapters(model, targets, make)
+    assert [type(m) for m in model.modules()] == types
+    assert all(p.requires_grad for p in model.parameters())

@@ -1,0 +1,104 @@
+"""A model's modules to adapter layers (inject_adapters) and back to plain torch modules for
+deployment (merge_and_unload)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Union
+
+from torch import nn
+
+from peft_kernels.nn._base import WrappedLinear
+from peft_kernels.nn.lie import LieConv2d, LieLinear
+from peft_kernels.nn.lora import LoRALinear
+from peft_kernels.nn.orthogonal import OrthogonalConv2d, OrthogonalLinear
+from peft_kernels.nn.sparse import SparseDeltaLinear
+from peft_kernels.nn.svd_node import SVDNodeLinear
+
+# Every layer of the package that wraps a frozen base module as ``self.base`` and can fold its
+# update into that module's weight with ``merge()``.
+ADAPTER_LAYERS = (LoRALinear, SparseDeltaLinear, SVDNodeLinear, OrthogonalLinear,
+                  OrthogonalConv2d, LieLinear, LieConv2d)
+
+
+Targets = Union[str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+def _selector(targets: Targets) -> Callable[[str, nn.Module], bool]:
+    if callable(targets):
+        return targets
+    names = [targets] if isinstance(targets, str) else list(targets)
+    if not names or not all(isinstance(t, str) and t for t in names):
+        raise TypeError("inject_adapters: targets must be a module name, a non-empty iterable of "
+                        "module names, or a callable (name, module) -> bool")
+    return lambda name, module: any(name == t or name.endswith("." + t) for t in names)
+
+
+def inject_adapters(model: nn.Module, targets: Targets,
+                    make: Callable[[nn.Module], nn.Module], *, freeze: bool = True
+                    ) -> dict[str, nn.Module]:
+    """Replace the submodules of ``model`` that ``targets`` selects by ``make(module)``.
+
+    ``targets`` is a module name or an iterable of them, matching a module whose name equals one
+    or ends with ``"." + name`` (as HF PEFT's ``target_modules``: ``["q_proj", "v_proj"]``), or a
+    callable ``(name, module) -> bool``. A module inside one already selected is left to it.
+    ``make`` builds the replacement, e.g. ``lambda m: pk.nn.LoRALinear.from_linear(m, 8)``.
+    With ``freeze`` (default) every other parameter of the model is frozen, so only the new
+    layers' adapter parameters train. Every replacement is built before the model is changed.
+    Returns the new modules by name; raises ValueError when nothing matches.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject_adapters: model must be an nn.Module, got {type(model).__name__}")
+    if not callable(make):
+        raise TypeError(f"inject_adapters: make must be callable, got {type(make).__name__}")
+    selected = _selector(targets)
+    chosen: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(c + ".") for c, _ in chosen):
+            continue
+        if selected(name, module):
+            chosen.append((name, module))
+    if not chosen:
+        raise ValueError("inject_adapters: targets matched no submodule of the model")
+    built = {}
+    for name, module in chosen:
+        new = make(module)
+        if not isinstance(new, nn.Module):
+            raise TypeError(f"inject_adapters: make returned {type(new).__name__} for {name!r}, "
+                            "expected an nn.Module")
+        built[name] = new
+    if freeze:  # before the new layers are attached: their adapter parameters keep training
+        model.requires_grad_(False)
+    for name, new in built.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return built
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter layer of ``model`` into its base and put the base module (the plain
+    ``nn.Linear`` / ``nn.Conv2d``, holding the merged weight) in the layer's place.
+
+    The result computes the same function as the fine-tuned model (up to one rounding of each
+    weight's dtype) with no code of this package in its forward, and its ``state_dict`` has the
+    keys of the original plain model. Layers already merged are unloaded as they are. Every layer
+    is checked before any is changed: an adapter that cannot be merged (a LoRALinear with an
+    activation) raises and leaves the model untouched. The base modules keep their
+    ``requires_grad`` flags (frozen weights stay frozen). Returns ``model``, or the base module
+    when ``model`` is itself an adapter layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"merge_and_unload: model must be an nn.Module, got {type(model).__name__}")
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
+    for name, layer in found:
+        if isinstance(layer, WrappedLinear) and not layer.merged:
+            try:
+                layer._check_mergeable()
+            except RuntimeError as err:
+                where = f"layer {name!r}" if name else "the model"
+                raise ValueError(f"merge_and_unload: {where} cannot be merged: {err}") from None
+    for name, layer in found:
+        if not layer.merged:
+            layer.merge()
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer.base)
+    return model.base if isinstance(model, ADAPTER_LAYERS) else model
