@@ -173,3 +173,18 @@ def test_inject_bad_inputs_leave_the_model_untouched(targets, make, exc, text):
         pk.nn.inject_adapters(model, targets, make)
     assert [type(m) for m in model.modules()] == types
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_shared_module_gets_one_adapter_and_unloads_everywhere():
+    model = blocks(2)
+    model[1].v = model[0].v  # one Linear under two parents
+    new = pk.nn.inject_adapters(model, "v", lora)
+    assert sorted(new) == ["0.v", "1.v"] and new["0.v"] is new["1.v"] is model[1].v
+    nn.init.normal_(new["0.v"].lora_B)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        pk.nn.merge_and_unload(model)
+    assert type(model[0].v) is nn.Linear and model[0].v is model[1].v
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, **TOL)

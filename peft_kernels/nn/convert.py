@@ -39,7 +39,8 @@ def inject_adapters(model: nn.Module, targets: Targets,
 
     ``targets`` is a module name or an iterable of them, matching a module whose name equals one
     or ends with ``"." + name`` (as HF PEFT's ``target_modules``: ``["q_proj", "v_proj"]``), or a
-    callable ``(name, module) -> bool``. A module inside one already selected is left to it.
+    callable ``(name, module) -> bool``. A module inside one already selected is left to it; a
+    module shared by several parents gets one replacement, shared the same way.
     ``make`` builds the replacement, e.g. ``lambda m: pk.nn.LoRALinear.from_linear(m, 8)``.
     With ``freeze`` (default) every other parameter of the model is frozen, so only the new
     layers' adapter parameters train. Every replacement is built before the model is changed.
@@ -51,20 +52,23 @@ def inject_adapters(model: nn.Module, targets: Targets,
         raise TypeError(f"inject_adapters: make must be callable, got {type(make).__name__}")
     selected = _selector(targets)
     chosen: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
+    # Every path, so a module shared by two parents is replaced in both (by one new module).
+    for name, module in model.named_modules(remove_duplicate=False):
         if not name or any(name.startswith(c + ".") for c, _ in chosen):
             continue
         if selected(name, module):
             chosen.append((name, module))
     if not chosen:
         raise ValueError("inject_adapters: targets matched no submodule of the model")
-    built = {}
+    built, by_id = {}, {}
     for name, module in chosen:
-        new = make(module)
-        if not isinstance(new, nn.Module):
-            raise TypeError(f"inject_adapters: make returned {type(new).__name__} for {name!r}, "
-                            "expected an nn.Module")
-        built[name] = new
+        if id(module) not in by_id:
+            new = make(module)
+            if not isinstance(new, nn.Module):
+                raise TypeError(f"inject_adapters: make returned {type(new).__name__} for "
+                                f"{name!r}, expected an nn.Module")
+            by_id[id(module)] = new
+        built[name] = by_id[id(module)]
     if freeze:  # before the new layers are attached: their adapter parameters keep training
         model.requires_grad_(False)
     for name, new in built.items():
@@ -87,7 +91,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"merge_and_unload: model must be an nn.Module, got {type(model).__name__}")
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
+    found = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+             if isinstance(m, ADAPTER_LAYERS)]  # a shared layer: merged once, unloaded everywhere
     for name, layer in found:
         if isinstance(layer, WrappedLinear) and not layer.merged:
             try:
