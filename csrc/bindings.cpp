@@ -1,6 +1,7 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include "cpu/cpu_features.h"
 #include "ops/block_rotate.h"
 #include "ops/expm.h"
 #include "ops/lie_weight.h"
@@ -27,6 +28,7 @@ py::dict build_info() {
   info["cuda_version"] = py::none();
   info["archs"] = "";
 #endif
+  info["cpu_isa"] = peft_kernels::cpu::cpu_isa_name();
   info["ops"] = std::vector<std::string>{"lora_linear", "expm", "block_rotate", "sparse_delta_linear",
                                           "lie_weight", "truncated_svd"};
   return info;

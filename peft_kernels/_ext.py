@@ -35,7 +35,9 @@ def C() -> Any:
 
 
 def build_info() -> dict:
-    """version, torch, cuda (bool: CUDA kernels compiled), cuda_version, archs, ops."""
+    """version, torch, cuda (bool: CUDA kernels compiled), cuda_version, archs, cpu_isa (the
+    SIMD level the CPU kernels use here: "avx512", "avx2" or "generic"; the environment variable
+    PEFT_KERNELS_CPU_ISA=avx2|generic caps it), ops."""
     info = dict(C().build_info())
     info["ops"] = list(info["ops"])
     return info

@@ -14,6 +14,7 @@ def test_build_info_keys_and_values():
     assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda"], bool)
     assert "lora_linear" in info["ops"]
+    assert info["cpu_isa"] in ("avx512", "avx2", "generic")
     if not info["cuda"]:
         assert info["cuda_version"] is None and info["archs"] == ""
 

@@ -20,17 +20,12 @@ namespace {
 using cpu::simd_width;
 
 // ----------------------------------------------------------------------- micro-kernel dispatch
-#if defined(PK_HAVE_AVX2_PATH)
-bool have_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-#endif
+using cpu::have_avx2_fma;
 
 template <typename T>
 void project(const T* P, int64_t ldp, int64_t rows, int64_t K, const T* Q, int64_t RP, T* C,
              const T* S, T* R, T* colsum) {
-#if defined(PK_HAVE_AVX2_PATH)
+#ifdef PK_X86_AVX2
   if (have_avx2_fma()) return cpu::avx2::project_block<T>(P, ldp, rows, K, Q, RP, C, S, R, colsum);
 #endif
   cpu::project_block<T>(P, ldp, rows, K, Q, RP, C, S, R, colsum);
@@ -39,7 +34,7 @@ void project(const T* P, int64_t ldp, int64_t rows, int64_t K, const T* Q, int64
 template <typename T>
 void expand(const T* S, int64_t lds, int64_t r, const T* Q2, int64_t K, const T* init,
             const T* keep, T* D, const T* X, T* R2, int64_t n0, int64_t n1) {
-#if defined(PK_HAVE_AVX2_PATH)
+#ifdef PK_X86_AVX2
   if (have_avx2_fma()) return cpu::avx2::expand_rows<T>(S, lds, r, Q2, K, init, keep, D, X, R2, n0, n1);
 #endif
   cpu::expand_rows<T, 4>(S, lds, r, Q2, K, init, keep, D, X, R2, n0, n1);
@@ -48,7 +43,7 @@ void expand(const T* S, int64_t lds, int64_t r, const T* Q2, int64_t K, const T*
 template <typename T>
 void reduce(const T* S, int64_t lds, int64_t r, const T* X, int64_t ldx, int64_t K, int64_t rows,
             T* R2, int64_t ldr) {
-#if defined(PK_HAVE_AVX2_PATH)
+#ifdef PK_X86_AVX2
   if (have_avx2_fma()) return cpu::avx2::reduce_rows<T>(S, lds, r, X, ldx, K, rows, R2, ldr);
 #endif
   cpu::reduce_rows<T>(S, lds, r, X, ldx, K, rows, R2, ldr);

@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from peft_kernels._ext import build_info
 from peft_kernels.bench.registry import all_cases, peak_memory_mb, time_interleaved
 
 
@@ -36,7 +37,8 @@ def _devices(args) -> list[str]:
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    isa = build_info()["cpu_isa"]
+    return f"{platform.processor() or platform.machine()} ({isa} kernels), {torch.get_num_threads()} threads"
 
 
 def run_case(case, reps: int) -> dict:
