@@ -120,8 +120,10 @@ __attribute__((target("avx512f"))) inline int64_t philox_row_bits_avx512(int64_t
     const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
     const __m512i g0 = _mm512_unpacklo_epi64(t0, t2), g1 = _mm512_unpackhi_epi64(t0, t2);
     const __m512i g2 = _mm512_unpacklo_epi64(t1, t3), g3 = _mm512_unpackhi_epi64(t1, t3);
-    const __m512i lo01 = _mm512_shuffle_i32x4(g0, g1, 0x44), lo23 = _mm512_shuffle_i32x4(g2, g3, 0x44);
-    const __m512i hi01 = _mm512_shuffle_i32x4(g0, g1, 0xEE), hi23 = _mm512_shuffle_i32x4(g2, g3, 0xEE);
+    const __m512i lo01 = _mm512_shuffle_i32x4(g0, g1, 0x44);
+    const __m512i lo23 = _mm512_shuffle_i32x4(g2, g3, 0x44);
+    const __m512i hi01 = _mm512_shuffle_i32x4(g0, g1, 0xEE);
+    const __m512i hi23 = _mm512_shuffle_i32x4(g2, g3, 0xEE);
     uint32_t* dst = out + 4 * c;
     _mm512_storeu_si512(dst + 0, _mm512_shuffle_i32x4(lo01, lo23, 0x88));
     _mm512_storeu_si512(dst + 16, _mm512_shuffle_i32x4(lo01, lo23, 0xDD));

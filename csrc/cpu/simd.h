@@ -1,6 +1,7 @@
-// 32-byte vectors through GCC vector extensions: element-wise arithmetic and selects with no
-// intrinsics, so the same code is one AVX2 register per operation in a target("avx2,fma") clone
-// and two SSE registers in the baseline x86-64 build.
+// 32-byte (or 64-byte) vectors through GCC vector extensions: element-wise arithmetic and
+// selects with no intrinsics, so the same code is one AVX2 register per operation in a
+// target("avx2,fma") clone, two SSE registers in the baseline x86-64 build, and one AVX-512
+// register per 64-byte vector in a target("avx512f") clone.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -12,51 +13,52 @@
 
 namespace peft_kernels::cpu {
 
-template <typename T>
+// B: the vector's bytes, 32 (AVX2) by default; 64 in the target("avx512f") clones.
+template <typename T, int B = 32>
 struct VecTraits;
-template <>
-struct VecTraits<float> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-  static constexpr int kLanes = 8;
+template <int B>
+struct VecTraits<float, B> {
+  typedef float V __attribute__((vector_size(B)));
+  typedef int32_t I __attribute__((vector_size(B)));
+  static constexpr int kLanes = B / 4;
 };
-template <>
-struct VecTraits<double> {
-  typedef double V __attribute__((vector_size(32)));
-  typedef int64_t I __attribute__((vector_size(32)));
-  static constexpr int kLanes = 4;
+template <int B>
+struct VecTraits<double, B> {
+  typedef double V __attribute__((vector_size(B)));
+  typedef int64_t I __attribute__((vector_size(B)));
+  static constexpr int kLanes = B / 8;
 };
 
-template <typename T>
-using Vec = typename VecTraits<T>::V;
-template <typename T>
-constexpr int kLanes = VecTraits<T>::kLanes;
+template <typename T, int B = 32>
+using Vec = typename VecTraits<T, B>::V;
+template <typename T, int B = 32>
+constexpr int kLanes = VecTraits<T, B>::kLanes;
 
-template <typename T>
-PK_SIMD_INLINE Vec<T> load(const T* p) {
-  Vec<T> v;
+template <typename T, int B = 32>
+PK_SIMD_INLINE Vec<T, B> load(const T* p) {
+  Vec<T, B> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename T>
-PK_SIMD_INLINE void store(T* p, const Vec<T>& v) {
+template <typename T, int B = 32>
+PK_SIMD_INLINE void store(T* p, const Vec<T, B>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 // The first n < lanes elements, the rest zero (a row's last partial vector).
-template <typename T>
-PK_SIMD_INLINE Vec<T> load_part(const T* p, int64_t n) {
-  Vec<T> v = {};
+template <typename T, int B = 32>
+PK_SIMD_INLINE Vec<T, B> load_part(const T* p, int64_t n) {
+  Vec<T, B> v = {};
   std::memcpy(&v, p, sizeof(T) * n);
   return v;
 }
-template <typename T>
-PK_SIMD_INLINE void store_part(T* p, const Vec<T>& v, int64_t n) {
+template <typename T, int B = 32>
+PK_SIMD_INLINE void store_part(T* p, const Vec<T, B>& v, int64_t n) {
   std::memcpy(p, &v, sizeof(T) * n);
 }
-template <typename T>
-PK_SIMD_INLINE T lane_sum(const Vec<T>& v) {
+template <typename T, int B = 32>
+PK_SIMD_INLINE T lane_sum(const Vec<T, B>& v) {
   T total = T(0);
-  for (int l = 0; l < kLanes<T>; ++l) total += v[l];
+  for (int l = 0; l < kLanes<T, B>; ++l) total += v[l];
   return total;
 }
 

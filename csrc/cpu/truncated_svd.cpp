@@ -30,14 +30,15 @@ using cpu::store_part;
 using cpu::Vec;
 
 // |x|^2, |y|^2 and x . y over n elements, two vectors per step so each sum has two chains.
-template <typename T>
+template <typename T, int B = 32>
 PK_SIMD_INLINE void dots3(const T* __restrict x, const T* __restrict y, int64_t n, T& xx, T& yy,
                           T& xy) {
-  constexpr int L = kLanes<T>;
-  Vec<T> sxx0 = {}, syy0 = {}, sxy0 = {}, sxx1 = {}, syy1 = {}, sxy1 = {};
+  constexpr int L = kLanes<T, B>;
+  Vec<T, B> sxx0 = {}, syy0 = {}, sxy0 = {}, sxx1 = {}, syy1 = {}, sxy1 = {};
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
-    const Vec<T> x0 = load(x + i), y0 = load(y + i), x1 = load(x + i + L), y1 = load(y + i + L);
+    const Vec<T, B> x0 = load<T, B>(x + i), y0 = load<T, B>(y + i);
+    const Vec<T, B> x1 = load<T, B>(x + i + L), y1 = load<T, B>(y + i + L);
     sxx0 += x0 * x0;
     syy0 += y0 * y0;
     sxy0 += x0 * y0;
@@ -47,58 +48,58 @@ PK_SIMD_INLINE void dots3(const T* __restrict x, const T* __restrict y, int64_t 
   }
   for (; i < n; i += L) {
     const int64_t w = std::min<int64_t>(L, n - i);
-    const Vec<T> x0 = w == L ? load(x + i) : load_part(x + i, w);
-    const Vec<T> y0 = w == L ? load(y + i) : load_part(y + i, w);
+    const Vec<T, B> x0 = w == L ? load<T, B>(x + i) : load_part<T, B>(x + i, w);
+    const Vec<T, B> y0 = w == L ? load<T, B>(y + i) : load_part<T, B>(y + i, w);
     sxx0 += x0 * x0;
     syy0 += y0 * y0;
     sxy0 += x0 * y0;
   }
-  xx = cpu::lane_sum<T>(sxx0 + sxx1);
-  yy = cpu::lane_sum<T>(syy0 + syy1);
-  xy = cpu::lane_sum<T>(sxy0 + sxy1);
+  xx = cpu::lane_sum<T, B>(sxx0 + sxx1);
+  yy = cpu::lane_sum<T, B>(syy0 + syy1);
+  xy = cpu::lane_sum<T, B>(sxy0 + sxy1);
 }
 
 // x <- c x - s y, y <- s x + c y over n elements.
-template <typename T>
+template <typename T, int B = 32>
 PK_SIMD_INLINE void rotate(T* __restrict x, T* __restrict y, int64_t n, T c, T s) {
-  constexpr int L = kLanes<T>;
+  constexpr int L = kLanes<T, B>;
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    const Vec<T> xv = load(x + i), yv = load(y + i);
-    store(x + i, c * xv - s * yv);
-    store(y + i, s * xv + c * yv);
+    const Vec<T, B> xv = load<T, B>(x + i), yv = load<T, B>(y + i);
+    store<T, B>(x + i, c * xv - s * yv);
+    store<T, B>(y + i, s * xv + c * yv);
   }
   if (i < n) {
     const int64_t w = n - i;
-    const Vec<T> xv = load_part(x + i, w), yv = load_part(y + i, w);
-    store_part(x + i, c * xv - s * yv, w);
-    store_part(y + i, s * xv + c * yv, w);
+    const Vec<T, B> xv = load_part<T, B>(x + i, w), yv = load_part<T, B>(y + i, w);
+    store_part<T, B>(x + i, c * xv - s * yv, w);
+    store_part<T, B>(y + i, s * xv + c * yv, w);
   }
 }
 
 // x . y over n elements.
-template <typename T>
+template <typename T, int B = 32>
 PK_SIMD_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
-  constexpr int L = kLanes<T>;
-  Vec<T> s0 = {}, s1 = {};
+  constexpr int L = kLanes<T, B>;
+  Vec<T, B> s0 = {}, s1 = {};
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
-    s0 += load(x + i) * load(y + i);
-    s1 += load(x + i + L) * load(y + i + L);
+    s0 += load<T, B>(x + i) * load<T, B>(y + i);
+    s1 += load<T, B>(x + i + L) * load<T, B>(y + i + L);
   }
   for (; i < n; i += L) {
     const int64_t w = std::min<int64_t>(L, n - i);
-    s0 += (w == L ? load(x + i) : load_part(x + i, w)) * (w == L ? load(y + i) : load_part(y + i, w));
+    s0 += (w == L ? load<T, B>(x + i) : load_part<T, B>(x + i, w)) * (w == L ? load<T, B>(y + i) : load_part<T, B>(y + i, w));
   }
-  return cpu::lane_sum<T>(s0 + s1);
+  return cpu::lane_sum<T, B>(s0 + s1);
 }
 
 // y <- y - a x over n elements.
-template <typename T>
+template <typename T, int B = 32>
 PK_SIMD_INLINE void axpy_neg(T a, const T* __restrict x, T* __restrict y, int64_t n) {
-  constexpr int L = kLanes<T>;
+  constexpr int L = kLanes<T, B>;
   int64_t i = 0;
-  for (; i + L <= n; i += L) store(y + i, load(y + i) - a * load(x + i));
+  for (; i + L <= n; i += L) store<T, B>(y + i, load<T, B>(y + i) - a * load<T, B>(x + i));
   for (; i < n; ++i) y[i] -= a * x[i];
 }
 
@@ -118,7 +119,7 @@ struct JacobiMatrix {
 constexpr int64_t kPairBatch = 16;
 
 // Rotates the pairs [pair_begin, pair_end) of one round; true if any pair rotated.
-template <typename T>
+template <typename T, int B = 32>
 PK_SIMD_INLINE bool rotate_pairs(const JacobiMatrix<T>& a, int64_t round, int64_t pair_begin,
                                  int64_t pair_end) {
   const int64_t n_even = a.n + (a.n & 1);
@@ -136,7 +137,7 @@ PK_SIMD_INLINE bool rotate_pairs(const JacobiMatrix<T>& a, int64_t round, int64_
       if (q >= a.n) continue;  // the odd-n padding index sits this round out
       ps[live] = p;
       qs[live] = q;
-      dots3(a.x + p * a.m, a.x + q * a.m, a.m, alpha[live], beta[live], gamma[live]);
+      dots3<T, B>(a.x + p * a.m, a.x + q * a.m, a.m, alpha[live], beta[live], gamma[live]);
       ++live;
     }
     for (int j = 0; j < live; ++j) {
@@ -152,8 +153,8 @@ PK_SIMD_INLINE bool rotate_pairs(const JacobiMatrix<T>& a, int64_t round, int64_
     }
     for (int j = 0; j < live; ++j) {
       if (!go[j]) continue;
-      rotate(a.x + ps[j] * a.m, a.x + qs[j] * a.m, a.m, c[j], s[j]);
-      rotate(a.v + ps[j] * a.n, a.v + qs[j] * a.n, a.n, c[j], s[j]);
+      rotate<T, B>(a.x + ps[j] * a.m, a.x + qs[j] * a.m, a.m, c[j], s[j]);
+      rotate<T, B>(a.v + ps[j] * a.n, a.v + qs[j] * a.n, a.n, c[j], s[j]);
       rotated = true;
     }
   }
@@ -170,6 +171,12 @@ __attribute__((target("avx2,fma"))) bool rotate_pairs_avx2(const JacobiMatrix<T>
                                                           int64_t round, int64_t b, int64_t e) {
   return rotate_pairs(a, round, b, e);
 }
+// 64-byte vectors: half the loads and stores per column pass, which bound the rotations.
+template <typename T>
+__attribute__((target("avx512f,avx2,fma"))) bool rotate_pairs_avx512(const JacobiMatrix<T>& a,
+                                                           int64_t round, int64_t b, int64_t e) {
+  return rotate_pairs<T, 64>(a, round, b, e);
+}
 #endif
 
 template <typename T>
@@ -178,6 +185,7 @@ using RotatePairs = bool (*)(const JacobiMatrix<T>&, int64_t, int64_t, int64_t);
 template <typename T>
 RotatePairs<T> pick_rotate_pairs() {
 #ifdef PK_X86_AVX2
+  if (cpu::have_avx512()) return &rotate_pairs_avx512<T>;
   if (cpu::have_avx2_fma()) return &rotate_pairs_avx2<T>;
 #endif
   return &rotate_pairs_generic<T>;
@@ -246,22 +254,22 @@ void jacobi_impl(const JacobiSvdParams& p) {
 }
 
 // c[i] = q_i . v for the 4 vectors q_0.. q_3 (rows of q with stride m), one pass over v.
-template <typename T>
+template <typename T, int B = 32>
 PK_SIMD_INLINE void dot4(const T* __restrict q, int64_t m, const T* __restrict v, T* c) {
-  constexpr int L = kLanes<T>;
-  Vec<T> s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  constexpr int L = kLanes<T, B>;
+  Vec<T, B> s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t t = 0;
   for (; t + L <= m; t += L) {
-    const Vec<T> x = load(v + t);
-    s0 += load(q + t) * x;
-    s1 += load(q + m + t) * x;
-    s2 += load(q + 2 * m + t) * x;
-    s3 += load(q + 3 * m + t) * x;
+    const Vec<T, B> x = load<T, B>(v + t);
+    s0 += load<T, B>(q + t) * x;
+    s1 += load<T, B>(q + m + t) * x;
+    s2 += load<T, B>(q + 2 * m + t) * x;
+    s3 += load<T, B>(q + 3 * m + t) * x;
   }
-  c[0] = cpu::lane_sum<T>(s0);
-  c[1] = cpu::lane_sum<T>(s1);
-  c[2] = cpu::lane_sum<T>(s2);
-  c[3] = cpu::lane_sum<T>(s3);
+  c[0] = cpu::lane_sum<T, B>(s0);
+  c[1] = cpu::lane_sum<T, B>(s1);
+  c[2] = cpu::lane_sum<T, B>(s2);
+  c[3] = cpu::lane_sum<T, B>(s3);
   for (; t < m; ++t) {
     c[0] += q[t] * v[t];
     c[1] += q[m + t] * v[t];
@@ -271,13 +279,14 @@ PK_SIMD_INLINE void dot4(const T* __restrict q, int64_t m, const T* __restrict v
 }
 
 // v -= sum_i c[i] q_i over the 4 vectors q_0.. q_3, one pass over v.
-template <typename T>
+template <typename T, int B = 32>
 PK_SIMD_INLINE void subtract4(const T* __restrict q, int64_t m, const T* c, T* __restrict v) {
-  constexpr int L = kLanes<T>;
+  constexpr int L = kLanes<T, B>;
   int64_t t = 0;
   for (; t + L <= m; t += L) {
-    store(v + t, load(v + t) - c[0] * load(q + t) - c[1] * load(q + m + t) -
-                     c[2] * load(q + 2 * m + t) - c[3] * load(q + 3 * m + t));
+    store<T, B>(v + t, load<T, B>(v + t) - c[0] * load<T, B>(q + t) -
+                           c[1] * load<T, B>(q + m + t) - c[2] * load<T, B>(q + 2 * m + t) -
+                           c[3] * load<T, B>(q + 3 * m + t));
   }
   for (; t < m; ++t) v[t] -= c[0] * q[t] + c[1] * q[m + t] + c[2] * q[2 * m + t] + c[3] * q[3 * m + t];
 }
@@ -285,27 +294,27 @@ PK_SIMD_INLINE void subtract4(const T* __restrict q, int64_t m, const T* c, T* _
 // v minus its projection on q_0..q_{j-1}: classical Gram-Schmidt (all coefficients from the
 // same v, so four vectors share each pass over v), run twice ("twice is enough": Giraud,
 // Langou, Rozloznik and van den Eshof 2005).
-template <typename T>
+template <typename T, int B = 32>
 PK_SIMD_INLINE void project_out(const T* q, int64_t m, int64_t j, T* v, T* c) {
   for (int pass = 0; pass < 2; ++pass) {
     int64_t i = 0;
-    for (; i + 4 <= j; i += 4) dot4(q + i * m, m, v, c + i);
-    for (; i < j; ++i) c[i] = dot(q + i * m, v, m);
+    for (; i + 4 <= j; i += 4) dot4<T, B>(q + i * m, m, v, c + i);
+    for (; i < j; ++i) c[i] = dot<T, B>(q + i * m, v, m);
     i = 0;
-    for (; i + 4 <= j; i += 4) subtract4(q + i * m, m, c + i, v);
-    for (; i < j; ++i) axpy_neg(c[i], q + i * m, v, m);
+    for (; i + 4 <= j; i += 4) subtract4<T, B>(q + i * m, m, c + i, v);
+    for (; i < j; ++i) axpy_neg<T, B>(c[i], q + i * m, v, m);
   }
 }
 
 // The l vectors of one matrix, in order; a dependent vector is replaced.
-template <typename T>
+template <typename T, int B = 32>
 PK_SIMD_INLINE void orthonormalize_matrix(T* q, int64_t m, int64_t l, T threshold,
                                           std::vector<T>& represented, std::vector<T>& coeffs) {
   for (int64_t j = 0; j < l; ++j) {
     T* qj = q + j * m;
-    const T norm0 = std::sqrt(dot(qj, qj, m));
-    project_out(q, m, j, qj, coeffs.data());
-    T norm = std::sqrt(dot(qj, qj, m));
+    const T norm0 = std::sqrt(dot<T, B>(qj, qj, m));
+    project_out<T, B>(q, m, j, qj, coeffs.data());
+    T norm = std::sqrt(dot<T, B>(qj, qj, m));
     if (!(norm > threshold * norm0) && !std::isnan(norm)) {
       // e_t for the t least represented in q_0..q_{j-1}: its residual is at least (m - j) / m.
       std::fill(represented.begin(), represented.end(), T(0));
@@ -316,22 +325,22 @@ PK_SIMD_INLINE void orthonormalize_matrix(T* q, int64_t m, int64_t l, T threshol
                         represented.begin();
       std::fill(qj, qj + m, T(0));
       qj[t] = T(1);
-      project_out(q, m, j, qj, coeffs.data());
-      norm = std::sqrt(dot(qj, qj, m));
+      project_out<T, B>(q, m, j, qj, coeffs.data());
+      norm = std::sqrt(dot<T, B>(qj, qj, m));
     }
     const T inv = T(1) / norm;
     for (int64_t t = 0; t < m; ++t) qj[t] *= inv;
   }
 }
 
-template <typename T>
+template <typename T, int B = 32>
 PK_SIMD_INLINE void orthonormalize_rows_body(const OrthonormalizeParams& p, int64_t b0,
                                              int64_t b1) {
   std::vector<T> represented(static_cast<size_t>(p.m)), coeffs(static_cast<size_t>(p.l));
   const T threshold = static_cast<T>(svd::dependence_threshold(sizeof(T) == 8));
   for (int64_t b = b0; b < b1; ++b) {
-    orthonormalize_matrix(static_cast<T*>(p.q) + b * p.l * p.m, p.m, p.l, threshold, represented,
-                          coeffs);
+    orthonormalize_matrix<T, B>(static_cast<T*>(p.q) + b * p.l * p.m, p.m, p.l, threshold,
+                                represented, coeffs);
   }
 }
 template <typename T>
@@ -344,13 +353,22 @@ __attribute__((target("avx2,fma"))) void orthonormalize_rows_avx2(const Orthonor
                                                                  int64_t b0, int64_t b1) {
   orthonormalize_rows_body<T>(p, b0, b1);
 }
+template <typename T>
+__attribute__((target("avx512f,avx2,fma"))) void orthonormalize_rows_avx512(
+    const OrthonormalizeParams& p, int64_t b0, int64_t b1) {
+  orthonormalize_rows_body<T, 64>(p, b0, b1);
+}
 #endif
 
 template <typename T>
 void orthonormalize_impl(const OrthonormalizeParams& p) {
   auto run = &orthonormalize_rows<T>;
 #ifdef PK_X86_AVX2
-  if (cpu::have_avx2_fma()) run = &orthonormalize_rows_avx2<T>;
+  if (cpu::have_avx512()) {
+    run = &orthonormalize_rows_avx512<T>;
+  } else if (cpu::have_avx2_fma()) {
+    run = &orthonormalize_rows_avx2<T>;
+  }
 #endif
   at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) { run(p, b0, b1); });
 }
