@@ -12,20 +12,27 @@
 
 #include "cpu/lowrank.h"
 #include "cpu/lowrank_avx2.h"
+#include "cpu/lowrank_avx512.h"
 #include "cpu/philox.h"
 
 namespace peft_kernels {
 namespace {
 
-using cpu::simd_width;
-
 // ----------------------------------------------------------------------- micro-kernel dispatch
 using cpu::have_avx2_fma;
+using cpu::have_avx512;
+
+// Ranks are padded to whole vectors of the instruction set in use (see cpu/lowrank.h's RP).
+template <typename T>
+int64_t rank_lanes() {
+  return (have_avx512() ? 64 : 32) / static_cast<int64_t>(sizeof(T));
+}
 
 template <typename T>
 void project(const T* P, int64_t ldp, int64_t rows, int64_t K, const T* Q, int64_t RP, T* C,
              const T* S, T* R, T* colsum) {
 #ifdef PK_X86_AVX2
+  if (have_avx512()) return cpu::avx512::project_block<T>(P, ldp, rows, K, Q, RP, C, S, R, colsum);
   if (have_avx2_fma()) return cpu::avx2::project_block<T>(P, ldp, rows, K, Q, RP, C, S, R, colsum);
 #endif
   cpu::project_block<T>(P, ldp, rows, K, Q, RP, C, S, R, colsum);
@@ -35,6 +42,9 @@ template <typename T>
 void expand(const T* S, int64_t lds, int64_t r, const T* Q2, int64_t K, const T* init,
             const T* keep, T* D, const T* X, T* R2, int64_t n0, int64_t n1) {
 #ifdef PK_X86_AVX2
+  if (have_avx512()) {
+    return cpu::avx512::expand_rows<T>(S, lds, r, Q2, K, init, keep, D, X, R2, n0, n1);
+  }
   if (have_avx2_fma()) return cpu::avx2::expand_rows<T>(S, lds, r, Q2, K, init, keep, D, X, R2, n0, n1);
 #endif
   cpu::expand_rows<T, 4>(S, lds, r, Q2, K, init, keep, D, X, R2, n0, n1);
@@ -44,6 +54,7 @@ template <typename T>
 void reduce(const T* S, int64_t lds, int64_t r, const T* X, int64_t ldx, int64_t K, int64_t rows,
             T* R2, int64_t ldr) {
 #ifdef PK_X86_AVX2
+  if (have_avx512()) return cpu::avx512::reduce_rows<T>(S, lds, r, X, ldx, K, rows, R2, ldr);
   if (have_avx2_fma()) return cpu::avx2::reduce_rows<T>(S, lds, r, X, ldx, K, rows, R2, ldr);
 #endif
   cpu::reduce_rows<T>(S, lds, r, X, ldx, K, rows, R2, ldr);
@@ -126,7 +137,7 @@ template <typename T>
 void shrink_impl(const LoraShrinkParams& p) {
   const T* x = static_cast<const T*>(p.x);
   T* pre = static_cast<T*>(p.pre);
-  const int64_t RP = round_up(p.r, simd_width<T>());
+  const int64_t RP = round_up(p.r, rank_lanes<T>());
   const std::vector<T> At = padded(static_cast<const T*>(p.A), p.r, p.in, RP, true);  // [in, RP]
   std::vector<T> pre_padded(RP == p.r ? 0 : p.N * RP);
   T* C = RP == p.r ? pre : pre_padded.data();
@@ -158,7 +169,7 @@ void dy_pass_impl(const LoraDyPassParams& p) {
   const T* a = static_cast<const T*>(p.a);
   const T* x = static_cast<const T*>(p.x);  // set: form a from x, reduce dA too (see the header)
   T* g = static_cast<T*>(p.g);
-  const int64_t RP = round_up(p.r, simd_width<T>());
+  const int64_t RP = round_up(p.r, rank_lanes<T>());
   const bool pad = RP != p.r;
   const std::vector<T> Bp = padded(static_cast<const T*>(p.B), p.out, p.r, RP, false);
   const std::vector<T> At = x ? padded(static_cast<const T*>(p.A), p.r, p.in, RP, true)
