@@ -163,6 +163,7 @@ def test_inject_then_merge_and_unload_round_trip():
     (["nothing"], lora, ValueError, "matched no submodule"),
     ([], lora, TypeError, "targets must be"),
     ([3], lora, TypeError, "targets must be"),
+    (3, lora, TypeError, "targets must be"),
     ("q", "not callable", TypeError, "make must be callable"),
     ("q", lambda m: 1.0, TypeError, "make returned float for '0.q'"),
 ])

@@ -25,10 +25,14 @@ Targets = Union[str, Iterable[str], Callable[[str, nn.Module], bool]]
 def _selector(targets: Targets) -> Callable[[str, nn.Module], bool]:
     if callable(targets):
         return targets
-    names = [targets] if isinstance(targets, str) else list(targets)
+    message = ("inject_adapters: targets must be a module name, a non-empty iterable of module "
+               f"names, or a callable (name, module) -> bool, got {targets!r}")
+    try:
+        names = [targets] if isinstance(targets, str) else list(targets)
+    except TypeError:
+        raise TypeError(message) from None
     if not names or not all(isinstance(t, str) and t for t in names):
-        raise TypeError("inject_adapters: targets must be a module name, a non-empty iterable of "
-                        "module names, or a callable (name, module) -> bool")
+        raise TypeError(message)
     return lambda name, module: any(name == t or name.endswith("." + t) for t in names)
 
 
