@@ -27,3 +27,15 @@ def test_op_tests_pass_on_the_capped_path(isa):
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
+
+
+@pytest.mark.parametrize("value,expect_generic,reported", [
+    ("GENERIC", True, False), ("bogus", False, True), ("", False, False)])
+def test_isa_variable_is_read_in_any_case_and_a_bad_value_is_reported(value, expect_generic,
+                                                                      reported):
+    env = dict(os.environ, PEFT_KERNELS_CPU_ISA=value)
+    result = subprocess.run([sys.executable, "-c", "import peft_kernels as pk; "
+                             "print(pk.build_info()['cpu_isa'])"],
+                            env=env, capture_output=True, text=True, check=True)
+    assert (result.stdout.strip() == "generic") == expect_generic
+    assert ("is not one of generic, avx2, avx512" in result.stderr) == reported

@@ -1,11 +1,13 @@
 // Run-time choice of the SIMD clones: the extension is compiled for baseline x86-64, and the hot
 // loops a second time with __attribute__((target("avx2,fma"))) (and a few with "avx512f").
-// The environment variable PEFT_KERNELS_CPU_ISA=generic|avx2 caps the choice (read once per
-// process), so every path can be tested and compared on one machine.
+// The environment variable PEFT_KERNELS_CPU_ISA=generic|avx2|avx512 caps the choice (read once
+// per process, any case; another value is reported and ignored), so every path can be tested
+// and compared on one machine.
 #pragma once
 
+#include <cctype>
+#include <cstdio>
 #include <cstdlib>
-#include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PK_X86_AVX2 1
@@ -14,6 +16,13 @@
 namespace peft_kernels::cpu {
 
 enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline bool equals_ignoring_case(const char* a, const char* b) {
+  for (; *a != '\0' && *b != '\0'; ++a, ++b) {
+    if (std::tolower(static_cast<unsigned char>(*a)) != *b) return false;
+  }
+  return *a == *b;
+}
 
 inline Isa cpu_isa() {
   static const Isa isa = [] {
@@ -24,8 +33,14 @@ inline Isa cpu_isa() {
     }
 #endif
     const char* cap = std::getenv("PEFT_KERNELS_CPU_ISA");
-    if (cap != nullptr && std::strcmp(cap, "generic") == 0) return Isa::kGeneric;
-    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) return Isa::kAvx2;
+    if (cap == nullptr || *cap == '\0') return best;
+    if (equals_ignoring_case(cap, "generic")) return Isa::kGeneric;
+    if (equals_ignoring_case(cap, "avx2")) return best == Isa::kAvx512 ? Isa::kAvx2 : best;
+    if (equals_ignoring_case(cap, "avx512")) return best;
+    std::fprintf(stderr,
+                 "peft_kernels: PEFT_KERNELS_CPU_ISA=%s is not one of generic, avx2, avx512; "
+                 "ignored\n",
+                 cap);
     return best;
   }();
   return isa;
