@@ -89,7 +89,9 @@ PK_SIMD_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
   }
   for (; i < n; i += L) {
     const int64_t w = std::min<int64_t>(L, n - i);
-    s0 += (w == L ? load<T, B>(x + i) : load_part<T, B>(x + i, w)) * (w == L ? load<T, B>(y + i) : load_part<T, B>(y + i, w));
+    const Vec<T, B> xv = w == L ? load<T, B>(x + i) : load_part<T, B>(x + i, w);
+    const Vec<T, B> yv = w == L ? load<T, B>(y + i) : load_part<T, B>(y + i, w);
+    s0 += xv * yv;
   }
   return cpu::lane_sum<T, B>(s0 + s1);
 }

@@ -37,8 +37,8 @@ def _devices(args) -> list[str]:
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    isa = build_info()["cpu_isa"]
-    return f"{platform.processor() or platform.machine()} ({isa} kernels), {torch.get_num_threads()} threads"
+    processor = platform.processor() or platform.machine()
+    return f"{processor} ({build_info()['cpu_isa']} kernels), {torch.get_num_threads()} threads"
 
 
 def run_case(case, reps: int) -> dict:

@@ -216,9 +216,9 @@ def pissa_init(
     becomes ``W - s·B A``, so the model's outputs are unchanged. Layers whose weights share shape,
     dtype and device are stacked and decomposed by batched ``pk.ops.truncated_svd`` calls of
     up to ``PISSA_SLICE_BYTES`` (1 GiB) of weights each (k = the largest r of the group; each
-    layer takes its first r triplets). ``niter``,
-    ``oversample`` and ``method`` are passed to that op when given. Parameters are written in
-    place, so an optimizer built before keeps working.
+    layer takes its first r triplets). ``niter``, ``oversample`` and ``method`` are passed to
+    that op when given. Parameters are written in place, so an optimizer built before keeps
+    working.
 
     Every layer must be a LoRA layer (activation=None), unmerged, with r <= min(out, in) and
     alpha / r > 0; all are checked before any is written. Returns the initialised layers by
