@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import peft_kernels
+
 TESTS = Path(__file__).resolve().parent
 OP_TESTS = ["test_lora_linear.py", "test_expm.py", "test_truncated_svd.py",
             "test_sparse_delta_linear.py", "test_lie.py", "test_orthogonal.py",
@@ -16,7 +18,10 @@ OP_TESTS = ["test_lora_linear.py", "test_expm.py", "test_truncated_svd.py",
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_op_tests_pass_on_the_capped_path(isa):
-    env = dict(os.environ, PEFT_KERNELS_CPU_ISA=isa)
+    # The child must import the package this process tests, wherever the tests run from.
+    package_root = str(Path(peft_kernels.__file__).resolve().parent.parent)
+    pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PEFT_KERNELS_CPU_ISA=isa, PYTHONPATH=pythonpath)
     check = subprocess.run([sys.executable, "-c", "import peft_kernels as pk; "
                             "print(pk.build_info()['cpu_isa'])"],
                            env=env, capture_output=True, text=True, check=True)
@@ -26,7 +31,6 @@ def test_op_tests_pass_on_the_capped_path(isa):
                              *OP_TESTS], cwd=TESTS, env=env, capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-
 
 
 @pytest.mark.parametrize("value,expect_generic,reported", [
