@@ -33,18 +33,21 @@ def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float) -> Tensor:
-    """Boolean keep-mask ``[rows, cols]`` that lora_linear's kernels use for seed and p."""
-    threshold = int(p * 16777216.0 + 0.5)
-    n_groups = (cols + 3) // 4
+    """Boolean keep-mask ``[rows, cols]`` that lora_linear's kernels use for seed and p: element
+    (row, col) is kept iff 16-bit field ``col % 8`` (low half of word 0 first) of Philox at
+    counter (col // 8, row) is at least round(p · 2^16), that threshold being at least 1 for p > 0."""
+    threshold = max(int(p * 65536.0 + 0.5), 1) if p > 0 else 0
+    n_groups = (cols + 7) // 8
     row = np.arange(rows, dtype=np.uint64)[:, None].repeat(n_groups, 1)
     grp = np.arange(n_groups, dtype=np.uint64)[None, :].repeat(rows, 0)
     counter = np.stack(
         [grp & _MASK32, row & _MASK32, row >> np.uint64(32), np.zeros_like(row)], axis=-1
     ).astype(np.uint32)
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    bits = philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32)).reshape(rows, n_groups * 4)
-    keep = (bits[:, :cols] >> 8) >= threshold
-    return torch.from_numpy(keep)
+    words = philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32)).reshape(rows, n_groups * 4)
+    fields = np.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(rows, n_groups * 8)
+    keep = fields[:, :cols] >= threshold
+    return torch.from_numpy(np.ascontiguousarray(keep))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,6 +126,18 @@ def test_dropout_statistics(device):
     assert (col - p).abs().max().item() < 5 * math.sqrt(p * (1 - p) / n)
 
 
+def test_tiny_dropout_rate_is_not_rounded_to_zero(device):
+    """The mask resolves p to 2^-16 (16-bit fields); any p > 0 still drops (rate >= 2^-16)."""
+    n, d, p = 1024, 1024, 1e-7
+    x = torch.rand(n, d, device=device) + 0.5
+    eye = torch.eye(d, device=device)
+    seed = torch.tensor([5], device=device)
+    y = pk.ops.lora_linear(x, torch.zeros(d, d, device=device), eye, eye, dropout_p=p, seed=seed)
+    mask = R.dropout_keep_mask(5, n, d, p)
+    assert torch.equal((y != 0).cpu(), mask)
+    assert 0 < (~mask).sum().item() < 64  # 16 expected at rate 2^-16 over 2^20 entries
+
+
 def test_dropout_seed_determines_mask(device):
     x, w, b, a, bb = make_inputs((50,), 30, 10, 30, torch.float64, device)
     s1 = torch.tensor([7], device=device)

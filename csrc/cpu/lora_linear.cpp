@@ -124,7 +124,7 @@ void dropout_rows(const T* x, int64_t n0, int64_t rows, int64_t width, const Dro
                   T* keep, T* dropped, int64_t ld_dropped, std::vector<uint32_t>& bits) {
   const int64_t seed = *d.seed;
   const T scale = static_cast<T>(d.scale);
-  bits.resize((width + 3) / 4 * 4);
+  bits.resize(cpu::dropout_row_words(width));
   for (int64_t n = 0; n < rows; ++n) {
     cpu::philox_row_bits(seed, n0 + n, width, bits.data());
     cpu::apply_row_mask<T>(bits.data(), d.threshold, scale, x + (n0 + n) * width,

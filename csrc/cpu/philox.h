@@ -134,9 +134,14 @@ __attribute__((target("avx512f"))) inline int64_t philox_row_bits_avx512(int64_t
 }
 #endif
 
-// out must hold 4 * ceil(width / 4) words.
+// Words a row of `width` elements needs: one Philox call (4 words) per 8 elements.
+inline int64_t dropout_row_words(int64_t width) {
+  return (width + kDropoutFieldsPerCall - 1) / kDropoutFieldsPerCall * 4;
+}
+
+// The bits of one row's mask: out must hold dropout_row_words(width) words.
 inline void philox_row_bits(int64_t seed, int64_t row, int64_t width, uint32_t* out) {
-  const int64_t groups = (width + 3) / 4;
+  const int64_t groups = dropout_row_words(width) / 4;
   int64_t done = 0;
 #ifdef PK_X86_AVX2
   if (have_avx512()) done = philox_row_bits_avx512(seed, row, done, groups, out);
@@ -145,17 +150,29 @@ inline void philox_row_bits(int64_t seed, int64_t row, int64_t width, uint32_t* 
   philox_row_bits_scalar(seed, row, done, groups, out);
 }
 
-// out[i] = keep ? scale * x[i] : 0, and keep_out[i] = keep ? scale : 0 if keep_out != nullptr.
-// bits >> 8 < 2^24, so a signed comparison is exact and vectorises (an unsigned one does not).
+// out[i] = keep ? scale * x[i] : 0, and keep_out[i] = keep ? scale : 0 if keep_out != nullptr,
+// keep meaning field i of the row's bits (see dropout_field) >= threshold.
 template <typename T>
 inline void apply_row_mask_generic(const uint32_t* bits, uint32_t threshold, T scale, const T* x,
                                    T* out, T* keep_out, int64_t width) {
+  // Fields < 2^16, so the signed comparisons below are exact and vectorise.
   const int32_t thr = static_cast<int32_t>(threshold);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  // Field i is the i-th uint16 of the words in memory order.
+  const uint16_t* fields = reinterpret_cast<const uint16_t*>(bits);
   for (int64_t i = 0; i < width; ++i) {
-    const T k = static_cast<int32_t>(bits[i] >> 8) >= thr ? scale : T(0);
+    const T k = static_cast<int32_t>(fields[i]) >= thr ? scale : T(0);
     out[i] = k * x[i];
     if (keep_out) keep_out[i] = k;
   }
+#else
+  for (int64_t i = 0; i < width; ++i) {
+    const int32_t field = static_cast<int32_t>((bits[i >> 1] >> (16 * (i & 1))) & 0xFFFFu);
+    const T k = field >= thr ? scale : T(0);
+    out[i] = k * x[i];
+    if (keep_out) keep_out[i] = k;
+  }
+#endif
 }
 
 #ifdef PK_X86_AVX2
