@@ -1,11 +1,12 @@
 // CPU kernels of the Lie-group Hadamard adapter (see csrc/kernels/lie_weight.h). Register-tiled
 // over kRowTile output rows x one vector of columns: D = s B A for that tile is r vector FMAs per
 // row with each A vector loaded once for all the tile's rows, then exp (or 1 + D) and the Hadamard
-// product in registers, so the out x K update is never formed. The grad kernel writes the tile's
-// M = G * W * factor to a kRowTile x K buffer that stays in L1/L2, then reduces it into dB (vector
-// dot products) and a per-chunk dA partial (vector axpys) in one sweep per kRankTile ranks. The
-// row loops are compiled twice, for baseline x86-64 and for AVX2 + FMA (chosen at run time), with
-// a vectorised exp; vectors are GCC vector extensions, so the code carries no intrinsics.
+// product in registers, so the out x K update is never formed. The grad kernel writes
+// M = G * W * factor for a block of rows to a buffer that stays in L2, then reduces it into dB
+// (M A^T) and a per-chunk dA partial (B^T M) through the rank-r micro-kernels that lora_linear's
+// passes use (cpu/lowrank_dispatch.h). The row loops are compiled twice, for baseline x86-64 and
+// for AVX2 + FMA (chosen at run time), with a vectorised exp; vectors are GCC vector extensions,
+// so the code carries no intrinsics.
 #include "kernels/lie_weight.h"
 
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/lowrank_dispatch.h"
 #include "cpu/simd.h"
 
 namespace peft_kernels {
@@ -79,8 +81,6 @@ PK_SIMD_INLINE void exp_vec(typename ExpTraits<T>::V& x) {
 
 // Rows handled together: each A vector loaded serves this many rows.
 constexpr int kRowTile = 4;
-// Ranks reduced together in grad's second pass (kRowTile x kRankTile vector accumulators).
-constexpr int kRankTile = 2;
 // Column vectors per tile in the D product (kRowTile x kColVectors accumulators).
 constexpr int kColVectors = 2;
 
@@ -169,18 +169,14 @@ template <typename T>
 struct GradArgs {
   RowOperands<T> op;
   const T* G;
-  T *dB, *partial;  // partial: per chunk, dA [r, Kp]
-  int64_t rows, chunk_rows;
 };
 
-// Rows [o, o + NR): M = G * W * factor (pass 1, into m [NR, Kp], zero past K), then
-// dB[row, j] = s sum_k M[row, k] A[j, k] and dA[j, :] += sum_rows s B[row, j] M[row, :]
-// (pass 2, kRankTile ranks per sweep over m).
+// M rows [o, o + NR) = G * W * factor into m (leading dimension ldm), zero from K to Kp.
 template <typename T, int NR>
-PK_SIMD_INLINE void grad_tile(const GradArgs<T>& g, T* dA, int64_t o, T* m, T* sb_store) {
+PK_SIMD_INLINE void m_tile(const GradArgs<T>& g, int64_t o, T* m, int64_t ldm, T* sb_store) {
   constexpr int L = ExpTraits<T>::kLanes;
   const RowOperands<T>& a = g.op;
-  const int64_t K = a.K, Kp = a.Kp, r = a.r;
+  const int64_t K = a.K, Kp = a.Kp;
   const T* sb[NR];
   scaled_b<T, NR>(a, o, sb_store, sb);
   for (int64_t k = 0; k < Kp; k += kColVectors * L) {
@@ -190,52 +186,27 @@ PK_SIMD_INLINE void grad_tile(const GradArgs<T>& g, T* dA, int64_t o, T* m, T* s
       const int64_t kc = k + c * L, n = std::max<int64_t>(0, std::min<int64_t>(L, K - kc));
       for (int i = 0; i < NR; ++i) {
         const int64_t at = (o + i) * K + kc;
-        Vec<T> gw = {};  // zero past K: adds nothing in pass 2
+        Vec<T> gw = {};  // zero past K: adds nothing to the reductions
         if (n == L) {
           gw = load(g.G + at) * load(a.W + at);
         } else if (n > 0) {
           gw = load_part(g.G + at, n) * load_part(a.W + at, n);
         }
-        store(m + i * Kp + kc, a.first_order ? gw : gw * f[i][c]);
+        store(m + i * ldm + kc, a.first_order ? gw : gw * f[i][c]);
       }
-    }
-  }
-  for (int64_t j0 = 0; j0 < r; j0 += kRankTile) {
-    const int nj = static_cast<int>(std::min<int64_t>(kRankTile, r - j0));
-    Vec<T> acc[NR][kRankTile] = {};
-    for (int64_t k = 0; k < Kp; k += L) {
-      Vec<T> mv[NR];
-      for (int i = 0; i < NR; ++i) mv[i] = load(m + i * Kp + k);
-      for (int jj = 0; jj < nj; ++jj) {
-        const int64_t j = j0 + jj;
-        const Vec<T> av = load(a.Ap + j * Kp + k);
-        Vec<T> da = load(dA + j * Kp + k);
-        for (int i = 0; i < NR; ++i) {
-          acc[i][jj] += mv[i] * av;
-          da += sb[i][j] * mv[i];
-        }
-        store(dA + j * Kp + k, da);
-      }
-    }
-    for (int i = 0; i < NR; ++i) {
-      for (int jj = 0; jj < nj; ++jj) g.dB[(o + i) * r + j0 + jj] = a.s * cpu::lane_sum<T>(acc[i][jj]);
     }
   }
 }
 
+// M for rows [o0, o1) into m (row o0 first).
 template <typename T>
-PK_SIMD_INLINE void grad_chunks_body(const GradArgs<T>& g, int64_t c0, int64_t c1) {
-  std::vector<T> m(static_cast<size_t>(kRowTile * g.op.Kp));
-  std::vector<T> sb_store(static_cast<size_t>(kRowTile * g.op.r));
-  for (int64_t c = c0; c < c1; ++c) {
-    T* dA = g.partial + c * g.op.r * g.op.Kp;
-    const int64_t end = std::min(g.rows, (c + 1) * g.chunk_rows);
-    int64_t o = c * g.chunk_rows;
-    for (; o + kRowTile <= end; o += kRowTile) {
-      grad_tile<T, kRowTile>(g, dA, o, m.data(), sb_store.data());
-    }
-    for (; o < end; ++o) grad_tile<T, 1>(g, dA, o, m.data(), sb_store.data());
+PK_SIMD_INLINE void m_rows_body(const GradArgs<T>& g, int64_t o0, int64_t o1, T* m, int64_t ldm) {
+  std::vector<T> sb(static_cast<size_t>(kRowTile * g.op.r));
+  int64_t o = o0;
+  for (; o + kRowTile <= o1; o += kRowTile) {
+    m_tile<T, kRowTile>(g, o, m + (o - o0) * ldm, ldm, sb.data());
   }
+  for (; o < o1; ++o) m_tile<T, 1>(g, o, m + (o - o0) * ldm, ldm, sb.data());
 }
 
 template <typename T>
@@ -243,8 +214,8 @@ void generate_rows_generic(const RowOperands<T>& a, T* out, int64_t b, int64_t e
   generate_rows_body(a, out, b, e);
 }
 template <typename T>
-void grad_chunks_generic(const GradArgs<T>& g, int64_t c0, int64_t c1) {
-  grad_chunks_body(g, c0, c1);
+void m_rows_generic(const GradArgs<T>& g, int64_t o0, int64_t o1, T* m, int64_t ldm) {
+  m_rows_body(g, o0, o1, m, ldm);
 }
 #ifdef PK_X86_AVX2
 template <typename T>
@@ -253,9 +224,9 @@ __attribute__((target("avx2,fma"))) void generate_rows_avx2(const RowOperands<T>
   generate_rows_body(a, out, b, e);
 }
 template <typename T>
-__attribute__((target("avx2,fma"))) void grad_chunks_avx2(const GradArgs<T>& g, int64_t c0,
-                                                          int64_t c1) {
-  grad_chunks_body(g, c0, c1);
+__attribute__((target("avx2,fma"))) void m_rows_avx2(const GradArgs<T>& g, int64_t o0, int64_t o1,
+                                                     T* m, int64_t ldm) {
+  m_rows_body(g, o0, o1, m, ldm);
 }
 #endif
 
@@ -289,24 +260,56 @@ void grad_impl(const LieWeightGradParams& p) {
   std::vector<T> Ap;
   const RowOperands<T> a = row_operands<T>(p, Ap);
   const int64_t r = p.r, rows = p.rows, Kp = a.Kp;
-  // Whole row tiles per chunk, so a chunk boundary never splits a tile.
+  const GradArgs<T> g{a, static_cast<const T*>(p.grad)};
+  // A^T [Kp, RP] for dB = M A^T (rows past K and ranks past r zero).
+  const int64_t RP = cpu::round_up(r, cpu::rank_lanes<T>());
+  std::vector<T> At(static_cast<size_t>(Kp * RP), T(0));
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t k = 0; k < p.K; ++k) At[k * RP + j] = Ap[j * Kp + k];
+  // Fixed row chunks, each with its own dA partial, added in order at the end: the result does not
+  // depend on the number of threads. Within a chunk, blocks of rows whose M (~256 KiB) stays in L2
+  // while both products read it.
   const int64_t chunks = std::min(kGradChunks, (rows + kRowTile - 1) / kRowTile);
   const int64_t chunk_rows = ((rows + chunks - 1) / chunks + kRowTile - 1) / kRowTile * kRowTile;
-  std::vector<T> partial(static_cast<size_t>(chunks * r * Kp), T(0));
-  const GradArgs<T> g{a, static_cast<const T*>(p.grad), static_cast<T*>(p.dB), partial.data(),
-                      rows, chunk_rows};
-  auto run = &grad_chunks_generic<T>;
+  const int64_t ldm = cpu::unaliased_ld<T>(Kp);
+  const int64_t block_rows = std::clamp<int64_t>(
+      (256 * 1024) / (ldm * static_cast<int64_t>(sizeof(T))) / kRowTile * kRowTile, kRowTile,
+      chunk_rows);
+  std::vector<T> partial(static_cast<size_t>(chunks * r * ldm), T(0));
+  auto m_rows = &m_rows_generic<T>;
 #ifdef PK_X86_AVX2
-  if (cpu::have_avx2_fma()) run = &grad_chunks_avx2<T>;
+  if (cpu::have_avx2_fma()) m_rows = &m_rows_avx2<T>;
 #endif
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) { run(g, c0, c1); });
-  T* dA = static_cast<T*>(p.dA);
-  for (int64_t c = 0; c < chunks; ++c) {  // in chunk order
-    const T* part = partial.data() + c * r * Kp;
-    for (int64_t j = 0; j < r; ++j) {
-      for (int64_t k = 0; k < p.K; ++k) dA[j * p.K + k] += part[j * Kp + k];
+  const T* B = static_cast<const T*>(p.B);
+  T* dB = static_cast<T*>(p.dB);
+  const T s = static_cast<T>(p.scaling);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> m(static_cast<size_t>(block_rows * ldm)), C(static_cast<size_t>(block_rows * RP));
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t end = std::min(rows, (c + 1) * chunk_rows);
+      for (int64_t o = c * chunk_rows; o < end; o += block_rows) {
+        const int64_t n = std::min(block_rows, end - o);
+        m_rows(g, o, o + n, m.data(), ldm);
+        cpu::project<T>(m.data(), ldm, n, Kp, At.data(), RP, C.data(), nullptr, nullptr, nullptr);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < r; ++j) dB[(o + i) * r + j] = s * C[i * RP + j];
+        // dA partial [r, Kp] += B[rows]^T M; s goes on at the end.
+        cpu::reduce<T>(B + o * r, r, r, m.data(), ldm, Kp, n, partial.data() + c * r * ldm, ldm);
+      }
     }
-  }
+  });
+  T* dA = static_cast<T*>(p.dA);
+  at::parallel_for(0, r, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<T> sum(static_cast<size_t>(p.K));
+    for (int64_t j = j0; j < j1; ++j) {
+      std::fill(sum.begin(), sum.end(), T(0));
+      for (int64_t c = 0; c < chunks; ++c) {  // in chunk order
+        const T* part = partial.data() + (c * r + j) * ldm;
+        for (int64_t k = 0; k < p.K; ++k) sum[k] += part[k];
+      }
+      for (int64_t k = 0; k < p.K; ++k) dA[j * p.K + k] += s * sum[k];
+    }
+  });
 }
 
 template <template <typename> class Fn, typename Params>

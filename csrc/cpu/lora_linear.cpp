@@ -10,55 +10,18 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/lowrank.h"
-#include "cpu/lowrank_avx2.h"
-#include "cpu/lowrank_avx512.h"
+#include "cpu/lowrank_dispatch.h"
 #include "cpu/philox.h"
 
 namespace peft_kernels {
 namespace {
 
-// ----------------------------------------------------------------------- micro-kernel dispatch
-using cpu::have_avx2_fma;
-using cpu::have_avx512;
-
-// Ranks are padded to whole vectors of the instruction set in use (see cpu/lowrank.h's RP).
-template <typename T>
-int64_t rank_lanes() {
-  return (have_avx512() ? 64 : 32) / static_cast<int64_t>(sizeof(T));
-}
-
-template <typename T>
-void project(const T* P, int64_t ldp, int64_t rows, int64_t K, const T* Q, int64_t RP, T* C,
-             const T* S, T* R, T* colsum) {
-#ifdef PK_X86_AVX2
-  if (have_avx512()) return cpu::avx512::project_block<T>(P, ldp, rows, K, Q, RP, C, S, R, colsum);
-  if (have_avx2_fma()) return cpu::avx2::project_block<T>(P, ldp, rows, K, Q, RP, C, S, R, colsum);
-#endif
-  cpu::project_block<T>(P, ldp, rows, K, Q, RP, C, S, R, colsum);
-}
-
-template <typename T>
-void expand(const T* S, int64_t lds, int64_t r, const T* Q2, int64_t K, const T* init,
-            const T* keep, T* D, const T* X, T* R2, int64_t n0, int64_t n1) {
-#ifdef PK_X86_AVX2
-  if (have_avx512()) {
-    return cpu::avx512::expand_rows<T>(S, lds, r, Q2, K, init, keep, D, X, R2, n0, n1);
-  }
-  if (have_avx2_fma()) return cpu::avx2::expand_rows<T>(S, lds, r, Q2, K, init, keep, D, X, R2, n0, n1);
-#endif
-  cpu::expand_rows<T, 4>(S, lds, r, Q2, K, init, keep, D, X, R2, n0, n1);
-}
-
-template <typename T>
-void reduce(const T* S, int64_t lds, int64_t r, const T* X, int64_t ldx, int64_t K, int64_t rows,
-            T* R2, int64_t ldr) {
-#ifdef PK_X86_AVX2
-  if (have_avx512()) return cpu::avx512::reduce_rows<T>(S, lds, r, X, ldx, K, rows, R2, ldr);
-  if (have_avx2_fma()) return cpu::avx2::reduce_rows<T>(S, lds, r, X, ldx, K, rows, R2, ldr);
-#endif
-  cpu::reduce_rows<T>(S, lds, r, X, ldx, K, rows, R2, ldr);
-}
+using cpu::expand;
+using cpu::project;
+using cpu::rank_lanes;
+using cpu::reduce;
+using cpu::round_up;
+using cpu::unaliased_ld;
 
 // ----------------------------------------------------------------------------------- helpers
 // Rows per block so a block of a [*, width] operand (about 256 KiB) stays in L2 across the
@@ -67,17 +30,6 @@ template <typename T>
 int64_t rows_per_block(int64_t width) {
   const int64_t bytes = std::max<int64_t>(width, 1) * static_cast<int64_t>(sizeof(T));
   return std::clamp<int64_t>((256 * 1024) / bytes, 4, 1024);
-}
-
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-// Leading dimension of a worker's [r, width] partial sums for reduce. Rows a multiple of 4 KiB
-// apart fall into the L1 sets of the rows of X that reduce walks (also 4 KiB apart at such
-// widths): 256 bytes of padding took the AVX2 reduce from 45 to 66 GFLOP/s at width 1024, r = 16.
-template <typename T>
-int64_t partial_ld(int64_t width) {
-  const int64_t bytes = width * static_cast<int64_t>(sizeof(T));
-  return bytes % 4096 == 0 ? width + 256 / static_cast<int64_t>(sizeof(T)) : width;
 }
 
 // Contiguous row ranges, one per worker, each with its own partial-sum slot.
@@ -178,7 +130,7 @@ void dy_pass_impl(const LoraDyPassParams& p) {
   T* G = pad ? g_padded.data() : g;
   const RowChunks chunks = row_chunks(p.N);
   // dB^T [r, out] partials: the row reduction runs along out, dy's contiguous dimension.
-  const int64_t ldb = partial_ld<T>(p.out), lda = partial_ld<T>(p.in);
+  const int64_t ldb = unaliased_ld<T>(p.out), lda = unaliased_ld<T>(p.in);
   std::vector<T> dbt_partial(chunks.count * p.r * ldb, T(0));
   std::vector<T> da_partial(x ? chunks.count * p.r * lda : 0, T(0));
   std::vector<T> bias_partial(p.dbias ? chunks.count * p.out : 0, T(0));
@@ -233,7 +185,7 @@ void x_pass_impl(const LoraXPassParams& p) {
   T* dx = static_cast<T*>(p.dx);
   const bool dropout = p.dropout.enabled();
   const RowChunks chunks = row_chunks(p.N);
-  const int64_t lda = partial_ld<T>(p.in);
+  const int64_t lda = unaliased_ld<T>(p.in);
   std::vector<T> da_partial(chunks.count * p.r * lda, T(0));
   const int64_t bm = rows_per_block<T>(p.in);
   at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from peft_kernels import reference
 from peft_kernels.bench.registry import Case, Measured, register, relative_max_error
-from peft_kernels.ops.lie_weight import lie_conv2d, lie_linear
+from peft_kernels.ops.lie_weight import lie_conv2d, lie_linear, lie_weight
 
 SCALING = 1.0
 
@@ -74,3 +74,45 @@ _register("conv", "64->64 3x3 on [32, 64, 32, 32]", (32, 64, 32, 32), (64, 64, 3
 _register("linear", "N=8192 4096->4096", (8192, 4096), (4096, 4096), 16, torch.bfloat16, "cuda")
 _register("conv", "ResNet-50 stage 3 256->256 3x3 on [64, 256, 14, 14]", (64, 256, 14, 14),
           (256, 256, 3, 3), 16, torch.bfloat16, "cuda", dict(padding=1))
+
+
+def _setup_weight(w_shape, r, dtype, device):
+    """The weight generation alone, W * exp(s B A), and its backward given a weight gradient."""
+    def setup() -> Measured:
+        g = torch.Generator().manual_seed(0)
+        K = math.prod(w_shape[1:])
+        w = ((torch.rand(w_shape, generator=g) * 2 - 1) / math.sqrt(K)).to(device, dtype)
+        a = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device, dtype).requires_grad_()
+        b = (torch.randn(w_shape[0], r, generator=g) * 0.1).to(device, dtype).requires_grad_()
+        grad = torch.randn(w_shape, generator=g).to(device, dtype)
+        ours = lambda: lie_weight(w, a, b, scaling=SCALING)
+        ref = lambda: w * torch.exp(SCALING * (b @ a)).view_as(w)
+
+        def error() -> float:
+            got = torch.autograd.grad(ours(), [a, b], grad)
+            d = lambda t: t.detach().double().cpu().requires_grad_()
+            ar, br = d(a), d(b)
+            yr = w.double().cpu() * torch.exp(SCALING * (br @ ar)).view_as(w)
+            return relative_max_error(got, torch.autograd.grad(yr, [ar, br], grad.double().cpu()))
+
+        return Measured(
+            kernel=lambda: torch.autograd.grad(ours(), [a, b], grad),
+            baseline=lambda: torch.autograd.grad(ref(), [a, b], grad),
+            error=error,
+            tolerance={torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype],
+        )
+
+    return setup
+
+
+def _register_weight(w_shape, r, dtype, device):
+    shape = "x".join(str(d) for d in w_shape)
+    register(Case(
+        name=f"lie_weight fwd+bwd {shape} r={r} {str(dtype).replace('torch.', '')}",
+        op="lie_weight", device=device, setup=_setup_weight(w_shape, r, dtype, device),
+        baseline_name="W * exp(s·BA) under autograd",
+    ))
+
+
+_register_weight((1024, 1024), 16, torch.float32, "cpu")
+_register_weight((4096, 4096), 16, torch.bfloat16, "cuda")
