@@ -1,5 +1,10 @@
 """pk.ops.expm against scipy.linalg.expm / expm_frechet (float64): accuracy over matrix families,
 per-matrix degree selection, gradients, NaN isolation, opcheck, compile and bad inputs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.linalg as sl
@@ -171,6 +176,36 @@ def test_nan_in_a_small_matrix_gives_nan(device, n):
     torch.testing.assert_close(E[1].detach(), torch.eye(n, dtype=torch.float64, device=device))
     (dA,) = torch.autograd.grad(E, A, torch.ones_like(E))
     assert torch.isnan(dA[0]).all() and torch.isfinite(dA[1]).all()
+
+
+_INF_CHECK = """
+import torch, peft_kernels as pk
+n, device = {n}, "{device}"
+A = torch.zeros(3, n, n, dtype=torch.float64, device=device)
+A[0, 0, 0] = float("inf")
+A[1].fill_diagonal_(0.5)
+E = pk.ops.expm(A)
+assert torch.isnan(E[0]).all() and torch.isfinite(E[1:]).all()
+G = torch.ones_like(A)
+G[2, 1, 1] = float("inf")
+dA = torch.ops.peft_kernels.expm_bwd(A, G)
+assert torch.isnan(dA[0]).all() and torch.isfinite(dA[1]).all()
+assert not torch.isfinite(dA[2]).all()  # an Inf direction stays visible (GradScaler looks)
+assert dA.is_contiguous()
+"""
+
+
+@pytest.mark.parametrize("n", [3, 130])
+def test_inf_in_a_or_in_the_gradient_gives_nan_and_terminates(device, n):
+    """An Inf in A gives NaN for that matrix, an Inf in the backward's direction a non-finite
+    gradient, and neither may become a squaring count (torch.linalg.matrix_exp, which the CUDA
+    path uses from n = 128 on, queues INT64_MAX squarings for an infinite norm): the check runs
+    in a child process with a time limit."""
+    code = _INF_CHECK.format(n=n, device=device)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
+                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                       filter(None, [str(Path(pk.__file__).resolve().parent.parent),
+                                     os.environ.get("PYTHONPATH")]))))
 
 
 def test_huge_norm_terminates():

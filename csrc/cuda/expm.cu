@@ -300,6 +300,7 @@ struct Config {
   int threads = 0;
   int64_t grid = 0;
   size_t smem = 0;          // shared path: dynamic shared memory bytes
+  int smem_optin = 0;       // the device's per-block maximum after opting in
   int64_t workspace = 0;    // global path: workspace bytes
 };
 
@@ -336,6 +337,7 @@ bool configure(const ExpmParams& p, Config& cfg) {
       cudaSuccess) {
     return false;
   }
+  cfg.smem_optin = optin;
   const int64_t nn = p.n * p.n;
   if (p.n <= kMaxSharedN) {
     cfg.tile = shared_tile(p.n);
@@ -379,9 +381,11 @@ void launch(const ExpmParams& p, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(cfg.grid);
   if (cfg.shared) {
     const KernelFn<kFrechet, In> kernel = shared_kernel<kFrechet, In>(cfg.tile);
+    // The kernel's limit is raised to the device maximum, not to this call's size: another host
+    // thread launching the same kernel for a larger n cannot lower it under this launch.
     if (cfg.smem > static_cast<size_t>(kDefaultSmem) &&
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(cfg.smem)) != cudaSuccess) {
+                             cfg.smem_optin) != cudaSuccess) {
       return;
     }
     kernel<<<grid, cfg.threads, cfg.smem, stream>>>(a, g, out, p.batch, p.n);

@@ -1,6 +1,7 @@
 // Torch-facing entry points of the batched matrix exponential (csrc/kernels/expm.h).
 #include "ops/expm.h"
 
+#include <limits>
 #include <vector>
 
 #include "kernels/expm.h"
@@ -23,20 +24,39 @@ constexpr int64_t kBlasMinN = 128;
 // float32 the block form measured 1.4e-5 to 6.7e-5 relative (1-norm) off the float64 reference at
 // n = 256, against the 1e-5 the per-matrix kernel keeps; float64 GEMMs run on the H200's FP64
 // tensor cores at about float32's SIMT rate.
+//
+// A matrix with an Inf (in A, or in G for the backward) is zeroed before it reaches ATen and its
+// result set to NaN afterwards: ATen's squaring count ceil(log2(norm / theta)) converts an
+// infinite norm to INT64_MAX on CUDA and queues that many products (the call never returns). No
+// host sync: the mask stays on the device.
 at::Tensor expm_cuda_blas(const at::Tensor& A, const at::Tensor* grad) {
+  const auto nonfinite = [](const at::Tensor& t) {
+    return t.isfinite().logical_not().any(-1).any(-1).unsqueeze(-1).unsqueeze(-1);
+  };
+  at::Tensor bad = nonfinite(A);
+  if (grad != nullptr) bad = bad.logical_or(nonfinite(*grad));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const at::Tensor As = A.masked_fill(bad, 0);
   if (grad == nullptr) {
-    const at::Tensor A32 = A.scalar_type() == at::kDouble ? A : A.to(at::kFloat);
-    return at::linalg_matrix_exp(A32).to(A.scalar_type());
+    const at::Tensor A32 = As.scalar_type() == at::kDouble ? As : As.to(at::kFloat);
+    return at::linalg_matrix_exp(A32).masked_fill(bad, nan).to(A.scalar_type()).contiguous();
   }
   const int64_t n = A.size(-1);
   std::vector<int64_t> big(A.sizes().begin(), A.sizes().end());
   big[big.size() - 1] = big[big.size() - 2] = 2 * n;
   at::Tensor M = at::zeros(big, A.options().dtype(at::kDouble));
-  const at::Tensor AH = A.mT();
+  const at::Tensor AH = As.mT();
   M.narrow(-2, 0, n).narrow(-1, 0, n).copy_(AH);
   M.narrow(-2, n, n).narrow(-1, n, n).copy_(AH);
-  M.narrow(-2, 0, n).narrow(-1, n, n).copy_(*grad);
-  return at::linalg_matrix_exp(M).narrow(-2, 0, n).narrow(-1, n, n).to(A.scalar_type());
+  M.narrow(-2, 0, n).narrow(-1, n, n).copy_(grad->masked_fill(bad, 0));
+  // The upper-right block of the 2n x 2n result is a strided view: the op returns contiguous
+  // tensors (as its fake kernel says), whatever the dtype.
+  return at::linalg_matrix_exp(M)
+      .narrow(-2, 0, n)
+      .narrow(-1, n, n)
+      .masked_fill(bad, nan)
+      .to(A.scalar_type())
+      .contiguous();
 }
 
 void check_square(const at::Tensor& A) {
