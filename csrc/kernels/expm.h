@@ -220,8 +220,10 @@ HOST_DEVICE int exp_in_workspace(Backend& be, Dim n, T* ws) {
   if (degree_index < 0) {
     product<kFrechet, T>(be, n, ws, A2, A, A);
     product<kFrechet, T>(be, n, ws, A3, A, A2);
-    const double alpha = fmax(sqrt(be.norm1(ws + A2 * nn)), cbrt(be.norm1(ws + A3 * nn)));
-    const bool powers_finite = alpha <= kMaxFinite;
+    const double norm2 = be.norm1(ws + A2 * nn), norm3 = be.norm1(ws + A3 * nn);
+    // Tested on the norms themselves: fmax would drop a NaN (an Inf - Inf inside A^3).
+    const bool powers_finite = norm2 <= kMaxFinite && norm3 <= kMaxFinite;
+    const double alpha = fmax(sqrt(norm2), cbrt(norm3));
     const double eta = powers_finite ? fmin(norm, alpha) : norm;
     degree_index = eta <= theta(kNumDegrees - 2, kDouble) ? kNumDegrees - 2 : kNumDegrees - 1;
     squarings = degree_index == kNumDegrees - 1 ? squarings_for(eta, kDouble) : 0;
