@@ -1,6 +1,11 @@
 import pytest
 import torch
 
+# The float32 references are compared at float32 accuracy: cuDNN's TF32 convolutions (on by
+# default) and TF32 matmuls (a user setting) round inputs to 10 mantissa bits, ~1e-3 relative.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 def _cuda_ready() -> bool:
     if not torch.cuda.is_available():

@@ -29,6 +29,7 @@ constexpr uint64_t kSketchSeed = 0x5eed5eedULL;
 // Runs the Jacobi kernel in place on X [b, n, m] (columns as rows, m >= n); returns V's columns
 // as rows [b, n, n] and, if wanted, each matrix's sweep count or status.
 at::Tensor jacobi(at::Tensor& X, at::Tensor* sweeps_out = nullptr) {
+  TORCH_INTERNAL_ASSERT(X.is_contiguous(), "truncated_svd: the Jacobi kernel needs dense rows");
   const int64_t b = X.size(0), n = X.size(1), m = X.size(2);
   at::Tensor V = at::empty({b, n, n}, X.options());
   at::Tensor sweeps = at::empty({b}, X.options().dtype(at::kInt));
@@ -72,6 +73,7 @@ at::Tensor jacobi(at::Tensor& X, at::Tensor* sweeps_out = nullptr) {
 
 // Orthonormalises the rows of Q [b, l, m] in place, in order.
 void orthonormalize(at::Tensor& Q) {
+  TORCH_INTERNAL_ASSERT(Q.is_contiguous(), "truncated_svd: orthonormalize needs dense rows");
   OrthonormalizeParams p;
   p.q = Q.mutable_data_ptr();
   p.batch = Q.size(0);
@@ -115,7 +117,9 @@ Triplets svd_tall(const at::Tensor& C, int64_t k) {
     Q = std::get<0>(qr);
     X = std::get<1>(qr).contiguous();  // R's rows: Jacobi on R^T
   } else {
-    X = C.transpose(1, 2).contiguous();  // C's columns as rows
+    // C's columns as rows; a clone, as Jacobi works in place and for 1 x 1 matrices the
+    // transpose is already contiguous (X would be the caller's tensor).
+    X = C.transpose(1, 2).clone(at::MemoryFormat::Contiguous);
   }
   // float32: every rotation rounds the columns again, and after the ~10 sweeps of a 64 x 64 matrix
   // their norms (S) measured 7.6e-6 off relative to S_max (LAPACK's float32 SVD: 1.2e-7). The
@@ -168,7 +172,7 @@ Triplets svd_randomized(const at::Tensor& C, int64_t k, int64_t niter, const at:
   // (B = R P, P's rows orthonormal, R = B P^T [b, l, l]) rather than a per-matrix Householder
   // QR, then R = U_r S Vh_r by Jacobi: C ~ Q B = (Q U_r) S (Vh_r P).
   const at::Tensor B = at::matmul(Qt, C);
-  at::Tensor P = B.clone();
+  at::Tensor P = B.clone(at::MemoryFormat::Contiguous);
   orthonormalize(P);
   const Triplets t = svd_tall(at::matmul(B, P.transpose(1, 2)), k);
   return {at::matmul(t.Ut, Qt), t.S, at::matmul(t.Vh, P)};
@@ -253,8 +257,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
   const int64_t p = std::min(m, n);
   const at::Tensor omega =
       randomized ? sketch(p, std::min(k + oversample, p), A.options().dtype(work)) : at::Tensor();
-  // Both methods' answer for a matrix does not depend on the batch around it, so chunks change
-  // only where the work happens.
+  // On the CPU both methods' answer for a matrix does not depend on the batch around it, so
+  // chunks change only where the work happens. (On CUDA torch's QR of tall inputs picks cuBLAS's
+  // batched or cuSOLVER's kernel by batch size: the answers then agree to rounding.)
   const int64_t matrix_bytes = m * n * static_cast<int64_t>(at::elementSize(work));
   const int64_t chunk = randomized && !A.is_cuda() ? randomized_chunk(batch, matrix_bytes)
                                                    : work_chunk(batch, matrix_bytes);
