@@ -52,8 +52,11 @@ constexpr int64_t kGenerateTargetBlocks = 2048;
 constexpr int64_t kGradTargetBlocks = 1024;
 
 // Tile widths. grad also keeps M in shared memory, so float64 halves the width there to stay
-// under the 48 KB of static shared memory.
-constexpr int kGenerateCols = 128;
+// under the 48 KB of static shared memory; generate's float64 tile is halved too (at 128 columns
+// its 16 double accumulators per thread took 128-138 registers on sm_90 and the first-order
+// variant spilled).
+template <typename T>
+constexpr int kGenerateCols = sizeof(AccT<T>) == 8 ? 64 : 128;
 template <typename T>
 constexpr int kGradCols = sizeof(AccT<T>) == 8 ? 64 : 128;
 
@@ -340,7 +343,7 @@ dim3 grid_for(int64_t rows, int64_t K, int tk, int64_t target_blocks) {
 
 template <typename T>
 void launch(const LieWeightParams& p, cudaStream_t stream) {
-  constexpr int TK = kGenerateCols;
+  constexpr int TK = kGenerateCols<T>;
   const dim3 grid = grid_for(p.rows, p.K, TK, kGenerateTargetBlocks);
   const auto s = static_cast<AccT<T>>(p.scaling);
   const T* W = static_cast<const T*>(p.weight);
