@@ -96,14 +96,28 @@ def test_empty_k_and_empty_batch(device):
     assert torch.equal(gv, torch.zeros_like(gv))
 
 
-def test_deterministic(device):
-    x, w, b, idx, v = make_inputs((300,), 45, 67, 90, torch.float32, device)
+# k = 90 of 3015 (3%) takes the dense gradient on CUDA (below 2% the sparse one), and 1800 rows
+# split the sparse gradient over several token slices, summed in a fixed order.
+@pytest.mark.parametrize("lead,k", [((300,), 90), ((1800,), 20)])
+def test_deterministic(device, lead, k):
+    x, w, b, idx, v = make_inputs(lead, 45, 67, k, torch.float32, device)
     v.requires_grad_()
     runs = []
     for _ in range(2):
         (gv,) = torch.autograd.grad(pk.ops.sparse_delta_linear(x, w, idx, v, bias=b).sum(), v)
         runs.append(gv)
     assert torch.equal(runs[0], runs[1])
+
+
+# Shapes whose sparse gradient spans several column windows, row groups, token slices and rounds
+# of the CUDA kernels (the other tests fit one tile), all below the dense-gradient density.
+BIG_PATTERNS = [((40,), 1700, 1500, 20000), ((70,), 520, 300, 600), ((1800,), 45, 67, 30)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lead,in_f,out_f,k", BIG_PATTERNS)
+def test_matches_reference_over_many_tiles(device, dtype, lead, in_f, out_f, k):
+    check(*make_inputs(lead, in_f, out_f, k, dtype, device, seed=5), dtype)
 
 
 # 18 x 20: (5,) k=4 takes every sparse kernel, (3, 4) k=40 the dense paths, (70,) k=8 the
@@ -130,6 +144,13 @@ def test_opcheck():
 @pytest.mark.parametrize("lead,k", [((33,), 30), ((300,), 301)])
 def test_half_types_cuda(dtype, lead, k):
     check(*make_inputs(lead, 45, 67, k, dtype, "cuda"), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lead,in_f,out_f,k", BIG_PATTERNS)
+def test_half_types_over_many_tiles_cuda(dtype, lead, in_f, out_f, k):
+    check(*make_inputs(lead, in_f, out_f, k, dtype, "cuda", seed=5), dtype)
 
 
 def test_indices_revalidated_after_in_place_change(device):

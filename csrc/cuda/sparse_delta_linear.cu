@@ -436,6 +436,7 @@ struct SdPlan {
   int G = 0, W = 0, cap = 0;
   int64_t ngroups = 0, nwin = 0;
   int64_t smem = 0;
+  int64_t smem_limit = 0;  // the device's per-block maximum after opting in (at least 48 KiB)
 };
 
 // Dynamic shared memory of the tile kernel: [tile area][meta: cap][row_lo: G][pref: G + 1],
@@ -759,9 +760,11 @@ void sddmm_run(const SparseDeltaGradParams& p, void* workspace, cudaStream_t str
     kernel<<<static_cast<unsigned>(blocks), kSdDirectThreads, 0, stream>>>(a, plan.slices);
   } else {
     auto kernel = sddmm_tile_kernel<T>;
+    // Raised to the device maximum, not to this plan's size: a concurrent launch of the same
+    // kernel with a smaller plan cannot lower it under this one.
     if (plan.smem > kDefaultSmem &&
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(plan.smem)) != cudaSuccess) {
+                             static_cast<int>(plan.smem_limit)) != cudaSuccess) {
       return;  // the error is left for the caller's cudaGetLastError()
     }
     const dim3 grid(static_cast<unsigned>(plan.ngroups * plan.nwin),
@@ -786,7 +789,8 @@ void sddmm_launch(const SparseDeltaGradParams& p, void* workspace, cudaStream_t 
   }
   SdPlan plan;
   sd_slices(p, kTok<T>, plan);
-  sd_tiles(p, sizeof(T), sizeof(AccT<T>), optin > kDefaultSmem ? optin : kDefaultSmem, plan);
+  plan.smem_limit = optin > kDefaultSmem ? optin : kDefaultSmem;
+  sd_tiles(p, sizeof(T), sizeof(AccT<T>), plan.smem_limit, plan);
   sddmm_run<T>(p, workspace, stream, plan);
 }
 
@@ -829,7 +833,12 @@ int64_t sparse_delta_grad_cuda_workspace_bytes(const SparseDeltaGradParams& p) {
 }
 
 void sparse_delta_grad_cuda(const SparseDeltaGradParams& p, void* workspace, cudaStream_t stream) {
-  if (p.N <= 0 || p.pattern.nnz <= 0) return;
+  if (p.pattern.nnz <= 0) return;
+  if (p.N <= 0) {  // an empty sum, as the CPU kernel writes it
+    const int64_t bytes = p.dtype == DType::kFloat64 ? 8 : (p.dtype == DType::kFloat32 ? 4 : 2);
+    cudaMemsetAsync(p.dvalues, 0, static_cast<size_t>(p.pattern.nnz * bytes), stream);
+    return;
+  }
   switch (p.dtype) {
     case DType::kFloat32: sddmm_launch<float>(p, workspace, stream); break;
     case DType::kFloat64: sddmm_launch<double>(p, workspace, stream); break;
