@@ -1,5 +1,5 @@
 // Element types of the CUDA kernels: half types load and store through float, everything
-// accumulates in Elem<T>::Acc. The build disables the implicit half/bfloat16 conversions, so every
+// accumulates in Elem<T>::Acc (store_double rounds a double once, straight to T). The build disables the implicit half/bfloat16 conversions, so every
 // conversion is an explicit intrinsic. Host-callable too, so thread-block code can be emulated
 // on the CPU.
 #pragma once
@@ -18,24 +18,28 @@ struct Elem<float> {
   using Acc = float;
   static HOST_DEVICE float load(float v) { return v; }
   static HOST_DEVICE float store(float v) { return v; }
+  static HOST_DEVICE float store_double(double v) { return static_cast<float>(v); }
 };
 template <>
 struct Elem<double> {
   using Acc = double;
   static HOST_DEVICE double load(double v) { return v; }
   static HOST_DEVICE double store(double v) { return v; }
+  static HOST_DEVICE double store_double(double v) { return v; }
 };
 template <>
 struct Elem<__half> {
   using Acc = float;
   static HOST_DEVICE float load(__half v) { return __half2float(v); }
   static HOST_DEVICE __half store(float v) { return __float2half_rn(v); }
+  static HOST_DEVICE __half store_double(double v) { return __double2half(v); }
 };
 template <>
 struct Elem<__nv_bfloat16> {
   using Acc = float;
   static HOST_DEVICE float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   static HOST_DEVICE __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+  static HOST_DEVICE __nv_bfloat16 store_double(double v) { return __double2bfloat16(v); }
 };
 template <typename T>
 using AccT = typename Elem<T>::Acc;

@@ -52,6 +52,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cuda/elem.cuh"
 #include "kernels/sparse_delta_linear.h"
 
 namespace peft_kernels {
@@ -90,16 +91,13 @@ __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ---------------------------------------------------------------------------------------------
-// Element types. The build disables the implicit half/bfloat16 conversions, so every conversion
-// is an explicit intrinsic. unpack turns one 16-byte chunk (V elements) into V accumulators.
+// Element types: cu::Elem's conversions, and unpack, which turns one 16-byte chunk (V elements)
+// into V accumulators.
 template <typename T>
 struct Elem;
 template <>
-struct Elem<float> {
-  using Acc = float;
+struct Elem<float> : cu::Elem<float> {
   static constexpr int V = 4;
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
   static __device__ __forceinline__ void unpack(const uint4& q, float (&v)[4]) {
     v[0] = __uint_as_float(q.x);
     v[1] = __uint_as_float(q.y);
@@ -108,21 +106,15 @@ struct Elem<float> {
   }
 };
 template <>
-struct Elem<double> {
-  using Acc = double;
+struct Elem<double> : cu::Elem<double> {
   static constexpr int V = 2;
-  static __device__ __forceinline__ double load(double v) { return v; }
-  static __device__ __forceinline__ double store(double v) { return v; }
   static __device__ __forceinline__ void unpack(const uint4& q, double (&v)[2]) {
     memcpy(v, &q, sizeof(q));
   }
 };
 template <>
-struct Elem<__half> {
-  using Acc = float;
+struct Elem<__half> : cu::Elem<__half> {
   static constexpr int V = 8;
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
   static __device__ __forceinline__ void unpack(const uint4& q, float (&v)[8]) {
     __half2 h[4];
     memcpy(h, &q, sizeof(q));
@@ -135,11 +127,8 @@ struct Elem<__half> {
   }
 };
 template <>
-struct Elem<__nv_bfloat16> {
-  using Acc = float;
+struct Elem<__nv_bfloat16> : cu::Elem<__nv_bfloat16> {
   static constexpr int V = 8;
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
   // A bfloat16 is the high half of a float: two bit operations per pair, exact.
   static __device__ __forceinline__ void unpack(const uint4& q, float (&v)[8]) {
     const uint32_t w[4] = {q.x, q.y, q.z, q.w};
@@ -661,7 +650,7 @@ __global__ void __launch_bounds__(kReduceThreads)
        t += stride) {
     double sum = 0.0;
     for (int64_t s = 0; s < slices; ++s) sum += static_cast<double>(partial[s * nnz + t]);
-    dv[t] = Elem<T>::store(static_cast<AccT<T>>(sum));
+    dv[t] = Elem<T>::store_double(sum);  // one rounding (via float it could be off by an ulp)
   }
 }
 
