@@ -52,9 +52,9 @@ def compare(kernel, reference, tensors, frozen, dtype, dy_shape_of, names):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("first_order", [False, True])
 # r = 40 and 70: the CUDA gradient kernel's register-resident (33 <= r <= 64) and general
-# (r > 64) dA paths.
+# (r > 64) dA paths. 1000 x 2100: the CPU gradient's row chunks span several L2-sized blocks.
 @pytest.mark.parametrize("shape,r", [((1, 1), 1), ((7, 13), 3), ((33, 130), 8), ((6, 4, 3, 3), 5),
-                                     ((20, 70), 40), ((9, 33), 70)])
+                                     ((20, 70), 40), ((9, 33), 70), ((1000, 2100), 16)])
 def test_lie_weight_matches_reference(device, dtype, first_order, shape, r):
     g = torch.Generator().manual_seed(1)
     W = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
