@@ -4,9 +4,9 @@
 // product in registers, so the out x K update is never formed. The grad kernel writes
 // M = G * W * factor for a block of rows to a buffer that stays in L2, then reduces it into dB
 // (M A^T) and a per-chunk dA partial (B^T M) through the rank-r micro-kernels that lora_linear's
-// passes use (cpu/lowrank_dispatch.h). The row loops are compiled twice, for baseline x86-64 and
-// for AVX2 + FMA (chosen at run time), with a vectorised exp; vectors are GCC vector extensions,
-// so the code carries no intrinsics.
+// passes use (cpu/lowrank_dispatch.h). The row loops are compiled for baseline x86-64, AVX2 + FMA
+// and AVX-512 (chosen at run time), with a vectorised exp; vectors are GCC vector extensions
+// (cpu/simd.h), so the code carries no intrinsics.
 #include "kernels/lie_weight.h"
 
 #include <ATen/Parallel.h>
@@ -36,18 +36,18 @@ using cpu::Vec;
 // not depend on the number of threads.
 constexpr int64_t kGradChunks = 16;
 
-// exp over 32-byte vectors (element-wise selects, no control flow).
-template <typename T>
+// exp over B-byte vectors (element-wise selects, no control flow).
+template <typename T, int B>
 struct ExpTraits;
-template <>
-struct ExpTraits<float> : cpu::VecTraits<float> {
+template <int B>
+struct ExpTraits<float, B> : cpu::VecTraits<float, B> {
   static constexpr int kDegree = 7;  // |t| <= ln2/2: truncation 5e-9 < 2^-24
   static constexpr float kLo = -104.0f, kHi = 89.0f;  // beyond: 0 and inf after scaling
   static constexpr float kRound = 12582912.0f;        // 1.5 * 2^23: x + kRound - kRound = rint(x)
   static constexpr int kMantissa = 23, kBias = 127;
 };
-template <>
-struct ExpTraits<double> : cpu::VecTraits<double> {
+template <int B>
+struct ExpTraits<double, B> : cpu::VecTraits<double, B> {
   static constexpr int kDegree = 13;  // truncation 4e-18 < 2^-53
   static constexpr double kLo = -746.0, kHi = 710.0;
   static constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
@@ -58,9 +58,9 @@ struct ExpTraits<double> : cpu::VecTraits<double> {
 // polynomial of degree kDegree; 2^n applied as two factors built from exponent bits, so that n
 // up to the overflow threshold stays in range. NaN stays NaN; beyond the clamps the scaling
 // overflows to inf or underflows to 0.
-template <typename T>
-PK_SIMD_INLINE void exp_vec(typename ExpTraits<T>::V& x) {
-  using E = ExpTraits<T>;
+template <typename T, int B>
+PK_SIMD_INLINE void exp_vec(cpu::Vec<T, B>& x) {
+  using E = ExpTraits<T, B>;
   using V = typename E::V;
   using I = typename E::I;
   const V zero = {};
@@ -96,16 +96,16 @@ struct RowOperands {
 
 // f[i][c] = factor of row o + i at the vector of columns k + c L: exp(s B[row] A[:, ..]) or
 // 1 + that (sb[i] = s B[o + i, :]).
-template <typename T, int NR>
+template <typename T, int NR, int B>
 PK_SIMD_INLINE void factor_vectors(const RowOperands<T>& a, const T* const* sb, int64_t k,
-                                  Vec<T> (*f)[kColVectors]) {
-  constexpr int L = ExpTraits<T>::kLanes;
+                                  Vec<T, B> (*f)[kColVectors]) {
+  constexpr int L = cpu::kLanes<T, B>;
   for (int i = 0; i < NR; ++i) {
-    for (int c = 0; c < kColVectors; ++c) f[i][c] = Vec<T>{};
+    for (int c = 0; c < kColVectors; ++c) f[i][c] = Vec<T, B>{};
   }
   for (int64_t j = 0; j < a.r; ++j) {
-    Vec<T> av[kColVectors];
-    for (int c = 0; c < kColVectors; ++c) av[c] = load(a.Ap + j * a.Kp + k + c * L);
+    Vec<T, B> av[kColVectors];
+    for (int c = 0; c < kColVectors; ++c) av[c] = load<T, B>(a.Ap + j * a.Kp + k + c * L);
     for (int i = 0; i < NR; ++i) {
       const T b = sb[i][j];
       for (int c = 0; c < kColVectors; ++c) f[i][c] += b * av[c];
@@ -116,7 +116,7 @@ PK_SIMD_INLINE void factor_vectors(const RowOperands<T>& a, const T* const* sb, 
       if (a.first_order) {
         f[i][c] += T(1);
       } else {
-        exp_vec<T>(f[i][c]);
+        exp_vec<T, B>(f[i][c]);
       }
     }
   }
@@ -133,36 +133,38 @@ PK_SIMD_INLINE void scaled_b(const RowOperands<T>& a, int64_t o, T* sb_store, co
 
 // out rows [o, o + NR) = W * factor, kColVectors vectors of columns at a time with D in
 // registers.
-template <typename T, int NR>
+template <typename T, int NR, int B>
 PK_SIMD_INLINE void generate_tile(const RowOperands<T>& a, T* out, int64_t o, T* sb_store) {
-  constexpr int L = ExpTraits<T>::kLanes;
+  constexpr int L = cpu::kLanes<T, B>;
   const T* sb[NR];
   scaled_b<T, NR>(a, o, sb_store, sb);
   for (int64_t k = 0; k < a.K; k += kColVectors * L) {
-    Vec<T> f[NR][kColVectors];
-    factor_vectors<T, NR>(a, sb, k, f);
+    Vec<T, B> f[NR][kColVectors];
+    factor_vectors<T, NR, B>(a, sb, k, f);
     for (int c = 0; c < kColVectors; ++c) {
       const int64_t kc = k + c * L, n = std::min<int64_t>(L, a.K - kc);
       for (int i = 0; i < NR; ++i) {
         const T* w = a.W + (o + i) * a.K + kc;
         T* y = out + (o + i) * a.K + kc;
         if (n == L) {
-          store(y, f[i][c] * load(w));
+          store<T, B>(y, f[i][c] * load<T, B>(w));
         } else if (n > 0) {
-          store_part(y, f[i][c] * load_part(w, n), n);
+          store_part<T, B>(y, f[i][c] * load_part<T, B>(w, n), n);
         }
       }
     }
   }
 }
 
-template <typename T>
+template <typename T, int B>
 PK_SIMD_INLINE void generate_rows_body(const RowOperands<T>& a, T* out, int64_t begin,
                                       int64_t end) {
   std::vector<T> sb_store(static_cast<size_t>(kRowTile * a.r));
   int64_t o = begin;
-  for (; o + kRowTile <= end; o += kRowTile) generate_tile<T, kRowTile>(a, out, o, sb_store.data());
-  for (; o < end; ++o) generate_tile<T, 1>(a, out, o, sb_store.data());
+  for (; o + kRowTile <= end; o += kRowTile) {
+    generate_tile<T, kRowTile, B>(a, out, o, sb_store.data());
+  }
+  for (; o < end; ++o) generate_tile<T, 1, B>(a, out, o, sb_store.data());
 }
 
 template <typename T>
@@ -172,69 +174,81 @@ struct GradArgs {
 };
 
 // M rows [o, o + NR) = G * W * factor into m (leading dimension ldm), zero from K to Kp.
-template <typename T, int NR>
+template <typename T, int NR, int B>
 PK_SIMD_INLINE void m_tile(const GradArgs<T>& g, int64_t o, T* m, int64_t ldm, T* sb_store) {
-  constexpr int L = ExpTraits<T>::kLanes;
+  constexpr int L = cpu::kLanes<T, B>;
   const RowOperands<T>& a = g.op;
   const int64_t K = a.K, Kp = a.Kp;
   const T* sb[NR];
   scaled_b<T, NR>(a, o, sb_store, sb);
   for (int64_t k = 0; k < Kp; k += kColVectors * L) {
-    Vec<T> f[NR][kColVectors];
-    if (!a.first_order) factor_vectors<T, NR>(a, sb, k, f);
+    Vec<T, B> f[NR][kColVectors];
+    if (!a.first_order) factor_vectors<T, NR, B>(a, sb, k, f);
     for (int c = 0; c < kColVectors; ++c) {
       const int64_t kc = k + c * L, n = std::max<int64_t>(0, std::min<int64_t>(L, K - kc));
       for (int i = 0; i < NR; ++i) {
         const int64_t at = (o + i) * K + kc;
-        Vec<T> gw = {};  // zero past K: adds nothing to the reductions
+        Vec<T, B> gw = {};  // zero past K: adds nothing to the reductions
         if (n == L) {
-          gw = load(g.G + at) * load(a.W + at);
+          gw = load<T, B>(g.G + at) * load<T, B>(a.W + at);
         } else if (n > 0) {
-          gw = load_part(g.G + at, n) * load_part(a.W + at, n);
+          gw = load_part<T, B>(g.G + at, n) * load_part<T, B>(a.W + at, n);
         }
-        store(m + i * ldm + kc, a.first_order ? gw : gw * f[i][c]);
+        store<T, B>(m + i * ldm + kc, a.first_order ? gw : gw * f[i][c]);
       }
     }
   }
 }
 
 // M for rows [o0, o1) into m (row o0 first).
-template <typename T>
+template <typename T, int B>
 PK_SIMD_INLINE void m_rows_body(const GradArgs<T>& g, int64_t o0, int64_t o1, T* m, int64_t ldm) {
   std::vector<T> sb(static_cast<size_t>(kRowTile * g.op.r));
   int64_t o = o0;
   for (; o + kRowTile <= o1; o += kRowTile) {
-    m_tile<T, kRowTile>(g, o, m + (o - o0) * ldm, ldm, sb.data());
+    m_tile<T, kRowTile, B>(g, o, m + (o - o0) * ldm, ldm, sb.data());
   }
-  for (; o < o1; ++o) m_tile<T, 1>(g, o, m + (o - o0) * ldm, ldm, sb.data());
+  for (; o < o1; ++o) m_tile<T, 1, B>(g, o, m + (o - o0) * ldm, ldm, sb.data());
 }
 
 template <typename T>
 void generate_rows_generic(const RowOperands<T>& a, T* out, int64_t b, int64_t e) {
-  generate_rows_body(a, out, b, e);
+  generate_rows_body<T, 32>(a, out, b, e);
 }
 template <typename T>
 void m_rows_generic(const GradArgs<T>& g, int64_t o0, int64_t o1, T* m, int64_t ldm) {
-  m_rows_body(g, o0, o1, m, ldm);
+  m_rows_body<T, 32>(g, o0, o1, m, ldm);
 }
 #ifdef PK_X86_AVX2
 template <typename T>
 __attribute__((target("avx2,fma"))) void generate_rows_avx2(const RowOperands<T>& a, T* out,
                                                             int64_t b, int64_t e) {
-  generate_rows_body(a, out, b, e);
+  generate_rows_body<T, 32>(a, out, b, e);
 }
 template <typename T>
 __attribute__((target("avx2,fma"))) void m_rows_avx2(const GradArgs<T>& g, int64_t o0, int64_t o1,
                                                      T* m, int64_t ldm) {
-  m_rows_body(g, o0, o1, m, ldm);
+  m_rows_body<T, 32>(g, o0, o1, m, ldm);
+}
+template <typename T>
+__attribute__((target("avx512f,avx2,fma"))) void generate_rows_avx512(const RowOperands<T>& a,
+                                                                      T* out, int64_t b,
+                                                                      int64_t e) {
+  generate_rows_body<T, 64>(a, out, b, e);
+}
+template <typename T>
+__attribute__((target("avx512f,avx2,fma"))) void m_rows_avx512(const GradArgs<T>& g, int64_t o0,
+                                                               int64_t o1, T* m, int64_t ldm) {
+  m_rows_body<T, 64>(g, o0, o1, m, ldm);
 }
 #endif
 
 // A zero-padded to [r, Kp] and the operands around it.
 template <typename T, typename Params>
 RowOperands<T> row_operands(const Params& p, std::vector<T>& Ap) {
-  constexpr int L = ExpTraits<T>::kLanes;
-  constexpr int64_t kWidth = kColVectors * L;
+  // Whole kColVectors-vector tiles of the widest vectors in use (64 bytes), so every build's
+  // loops over Kp see whole tiles.
+  constexpr int64_t kWidth = kColVectors * cpu::kLanes<T, 64>;
   const int64_t Kp = (p.K + kWidth - 1) / kWidth * kWidth;
   const T* A = static_cast<const T*>(p.A);
   Ap.assign(static_cast<size_t>(p.r * Kp), T(0));
@@ -250,7 +264,11 @@ void generate_impl(const LieWeightParams& p) {
   T* out = static_cast<T*>(p.out);
   auto rows = &generate_rows_generic<T>;
 #ifdef PK_X86_AVX2
-  if (cpu::have_avx2_fma()) rows = &generate_rows_avx2<T>;
+  if (cpu::have_avx512()) {
+    rows = &generate_rows_avx512<T>;
+  } else if (cpu::have_avx2_fma()) {
+    rows = &generate_rows_avx2<T>;
+  }
 #endif
   at::parallel_for(0, p.rows, 4 * kRowTile, [&](int64_t b, int64_t e) { rows(a, out, b, e); });
 }
@@ -278,7 +296,11 @@ void grad_impl(const LieWeightGradParams& p) {
   std::vector<T> partial(static_cast<size_t>(chunks * r * ldm), T(0));
   auto m_rows = &m_rows_generic<T>;
 #ifdef PK_X86_AVX2
-  if (cpu::have_avx2_fma()) m_rows = &m_rows_avx2<T>;
+  if (cpu::have_avx512()) {
+    m_rows = &m_rows_avx512<T>;
+  } else if (cpu::have_avx2_fma()) {
+    m_rows = &m_rows_avx2<T>;
+  }
 #endif
   const T* B = static_cast<const T*>(p.B);
   T* dB = static_cast<T*>(p.dB);
