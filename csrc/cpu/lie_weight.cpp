@@ -281,9 +281,8 @@ void grad_impl(const LieWeightGradParams& p) {
   const GradArgs<T> g{a, static_cast<const T*>(p.grad)};
   // A^T [Kp, RP] for dB = M A^T (rows past K and ranks past r zero).
   const int64_t RP = cpu::round_up(r, cpu::rank_lanes<T>());
-  std::vector<T> At(static_cast<size_t>(Kp * RP), T(0));
-  for (int64_t j = 0; j < r; ++j)
-    for (int64_t k = 0; k < p.K; ++k) At[k * RP + j] = Ap[j * Kp + k];
+  std::vector<T> At = cpu::padded(static_cast<const T*>(p.A), r, p.K, RP, true);
+  At.resize(static_cast<size_t>(Kp * RP), T(0));
   // Fixed row chunks, each with its own dA partial, added in order at the end: the result does not
   // depend on the number of threads. Within a chunk, blocks of rows whose M (~256 KiB) stays in L2
   // while both products read it.

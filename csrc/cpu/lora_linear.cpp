@@ -17,6 +17,7 @@ namespace peft_kernels {
 namespace {
 
 using cpu::expand;
+using cpu::padded;
 using cpu::project;
 using cpu::rank_lanes;
 using cpu::reduce;
@@ -56,18 +57,6 @@ void sum_chunks(const std::vector<T>& partial, int64_t chunks, int64_t rows, int
       }
     }
   });
-}
-
-// [rows, cols] -> [rows, ld] with zero padding columns (or [cols, rows] transposed when asked).
-template <typename T>
-std::vector<T> padded(const T* src, int64_t rows, int64_t cols, int64_t ld, bool transpose) {
-  std::vector<T> out((transpose ? cols : rows) * ld, T(0));
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      if (transpose) out[j * ld + i] = src[i * cols + j];
-      else out[i * ld + j] = src[i * cols + j];
-    }
-  return out;
 }
 
 // Dropout for rows [n0, n0 + rows): dropped = keep * x, and the keep scales if asked.

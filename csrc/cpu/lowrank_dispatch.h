@@ -4,6 +4,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/lowrank.h"
@@ -27,6 +28,18 @@ template <typename T>
 int64_t unaliased_ld(int64_t width) {
   const int64_t bytes = width * static_cast<int64_t>(sizeof(T));
   return bytes % 4096 == 0 ? width + 256 / static_cast<int64_t>(sizeof(T)) : width;
+}
+
+// [rows, cols] -> [rows, ld] with zero padding columns (or [cols, rows] transposed when asked).
+template <typename T>
+std::vector<T> padded(const T* src, int64_t rows, int64_t cols, int64_t ld, bool transpose) {
+  std::vector<T> out((transpose ? cols : rows) * ld, T(0));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      if (transpose) out[j * ld + i] = src[i * cols + j];
+      else out[i * ld + j] = src[i * cols + j];
+    }
+  return out;
 }
 
 template <typename T>
