@@ -101,6 +101,24 @@ def test_jacobi_hard_spectra(device, dtype, kind, k):
         assert (S == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_jacobi_columns_already_orthogonal(device, dtype, batch):
+    # Pairs that need no rotation in the first round of a sweep: the kernel's column norms come
+    # from that round, so they must be kept whether or not the pair rotates (once they were only
+    # kept for rotated pairs, and such columns were taken for zero). Half the columns mutually
+    # orthogonal with graded norms, half random; and a matrix that is orthogonal throughout.
+    Q = torch.linalg.qr(random_matrix((batch, 24, 16), seed=3))[0]
+    mixed = torch.cat([Q[..., :8] * torch.logspace(0, -3, 8, dtype=torch.float64),
+                       random_matrix((batch, 24, 8), seed=4)], dim=-1)
+    orthogonal = Q * torch.logspace(0, -2, 16, dtype=torch.float64)
+    for A in (mixed.to(dtype), orthogonal.to(dtype)):
+        U, S, Vh = pk.ops.truncated_svd(A.to(device), 16, method="jacobi")
+        check_svd(A, U, S, Vh, 16, dtype)
+    _, _, sweeps = C().svd_jacobi_columns(orthogonal.mT.contiguous().to(device, dtype))
+    assert (sweeps.cpu() == 1).all()  # nothing to rotate: one sweep finds it converged
+
+
 def test_jacobi_graded_small_values_relative(device):
     # Column scaling A = B D with B well conditioned: one-sided Jacobi keeps every singular value
     # to high relative accuracy, the small ones included.

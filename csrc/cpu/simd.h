@@ -55,11 +55,18 @@ template <typename T, int B = 32>
 PK_SIMD_INLINE void store_part(T* p, const Vec<T, B>& v, int64_t n) {
   std::memcpy(p, &v, sizeof(T) * n);
 }
+// Halves added pairwise (one extract and one add per level): a serial sum over the lanes is a
+// chain of 16 dependent scalar adds for a 64-byte float vector.
 template <typename T, int B = 32>
 PK_SIMD_INLINE T lane_sum(const Vec<T, B>& v) {
-  T total = T(0);
-  for (int l = 0; l < kLanes<T, B>; ++l) total += v[l];
-  return total;
+  if constexpr (B == static_cast<int>(sizeof(T))) {
+    return v[0];
+  } else {
+    Vec<T, B / 2> low, high;
+    std::memcpy(&low, &v, B / 2);
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + B / 2, B / 2);
+    return lane_sum<T, B / 2>(low + high);
+  }
 }
 
 }  // namespace peft_kernels::cpu

@@ -107,8 +107,9 @@ PK_SIMD_INLINE void axpy_neg(T a, const T* __restrict x, T* __restrict y, int64_
 
 template <typename T>
 struct JacobiMatrix {
-  T* x;  // [n, m]
-  T* v;  // [n, n]
+  T* x;      // [n, m]
+  T* v;      // [n, n]
+  T* norms;  // [n] the columns' squared norms, formed at each sweep's start and then updated
   int64_t m, n;
   T tol;
   double negligible;  // squared norm at or below which a column is zero (svd::negligible)
@@ -116,9 +117,51 @@ struct JacobiMatrix {
 
 // Pairs of a round handled together: first their dot products, then their rotations (a chain of
 // divisions and square roots per pair, ~60 cycles of latency; independent across the pairs, so
-// the chains overlap), then the column updates. Computed one pair at a time the chain was on the
-// critical path of every pair: ~150 cycles per pair at m = 64.
+// the chains overlap and vectorise), then the column updates.
 constexpr int64_t kPairBatch = 16;
+
+// A rotation changes the squared norms by -t gamma and +t gamma exactly (Rutishauser), so only
+// gamma = x_p . x_q needs a pass over the columns: one dot product and one horizontal sum per pair
+// instead of three (the sums were half of the time at 64 x 64). The updated norm of a column that
+// shrank below kRenormalize of its norm before the rotation has lost relative accuracy in the
+// subtraction, so it is formed again from the column (as LAPACK's xGESVJ does, there at sqrt(eps)),
+// and every sweep starts from norms formed afresh. Only the rotation angles and the threshold of
+// the orthogonality test use these norms; gamma, which decides convergence, is always exact, and
+// so are the singular values (the final columns' norms).
+constexpr double kRenormalize = 1.0 / 16;
+
+// Slots i of a round's pairs, as indices: svd::round_robin_index without a division per pair.
+struct RoundIndices {
+  int64_t n_even, low, high;  // low = (i - 1 + round) mod (n_even - 1), high: for n_even - 1 - i
+  RoundIndices(int64_t round, int64_t n_even, int64_t first) : n_even(n_even) {
+    const int64_t cycle = n_even - 1;
+    low = ((first - 1 + round) % cycle + cycle) % cycle;
+    high = (n_even - 2 - first + round) % cycle;
+  }
+  // Indices of the pair at the current slot, then moves on to the next.
+  void next(int64_t i, int64_t& p, int64_t& q) {
+    const int64_t i0 = i == 0 ? 0 : 1 + low, i1 = 1 + high;
+    p = std::min(i0, i1);
+    q = std::max(i0, i1);
+    low = low + 1 == n_even - 1 ? 0 : low + 1;
+    high = high == 0 ? n_even - 2 : high - 1;
+  }
+};
+
+// Column j set to zero (a negligible column, see svd::negligible).
+template <typename T>
+void zero_column(const JacobiMatrix<T>& a, int64_t j) {
+  std::fill(a.x + j * a.m, a.x + (j + 1) * a.m, T(0));
+  a.norms[j] = T(0);
+}
+
+// Column j's squared norm after a rotation took it from `before` to `updated` (see kRenormalize).
+template <typename T, int B = 32>
+PK_SIMD_INLINE T updated_norm(const JacobiMatrix<T>& a, int64_t j, T before, T updated) {
+  if (updated > static_cast<T>(kRenormalize) * before) return updated;
+  const T* col = a.x + j * a.m;
+  return dot<T, B>(col, col, a.m);
+}
 
 // Rotates the pairs [pair_begin, pair_end) of one round; true if any pair rotated.
 template <typename T, int B = 32>
@@ -126,37 +169,64 @@ PK_SIMD_INLINE bool rotate_pairs(const JacobiMatrix<T>& a, int64_t round, int64_
                                  int64_t pair_end) {
   const int64_t n_even = a.n + (a.n & 1);
   bool rotated = false;
+  RoundIndices slots(round, n_even, pair_begin);
   for (int64_t first = pair_begin; first < pair_end; first += kPairBatch) {
     const int64_t last = std::min(first + kPairBatch, pair_end);
     int64_t ps[kPairBatch], qs[kPairBatch];
-    T alpha[kPairBatch], beta[kPairBatch], gamma[kPairBatch], c[kPairBatch], s[kPairBatch];
-    bool go[kPairBatch];
+    T alpha[kPairBatch], beta[kPairBatch], gamma[kPairBatch], c[kPairBatch], t[kPairBatch];
+    bool go[kPairBatch], zero_p[kPairBatch], zero_q[kPairBatch];
     int live = 0;
     for (int64_t i = first; i < last; ++i) {
-      const int64_t i0 = svd::round_robin_index(i, round, n_even);
-      const int64_t i1 = svd::round_robin_index(n_even - 1 - i, round, n_even);
-      const int64_t p = std::min(i0, i1), q = std::max(i0, i1);
-      if (q >= a.n) continue;  // the odd-n padding index sits this round out
+      int64_t p, q;
+      slots.next(i, p, q);
+      const T* xp = a.x + p * a.m;
+      if (q >= a.n) {  // the odd-n padding index sits this round out
+        if (round == 0) a.norms[p] = dot<T, B>(xp, xp, a.m);
+        continue;
+      }
       ps[live] = p;
       qs[live] = q;
-      dots3<T, B>(a.x + p * a.m, a.x + q * a.m, a.m, alpha[live], beta[live], gamma[live]);
+      const T* xq = a.x + q * a.m;
+      // Round 0 pairs every column once: the sweep's fresh norms come with its gammas.
+      if (round == 0) {
+        dots3<T, B>(xp, xq, a.m, alpha[live], beta[live], gamma[live]);
+        a.norms[p] = alpha[live];
+        a.norms[q] = beta[live];
+      } else {
+        alpha[live] = a.norms[p];
+        beta[live] = a.norms[q];
+        gamma[live] = dot<T, B>(xp, xq, a.m);
+      }
       ++live;
     }
-    for (int j = 0; j < live; ++j) {
-      const bool zero_p = svd::negligible(alpha[j], a.negligible);
-      const bool zero_q = svd::negligible(beta[j], a.negligible);
-      if (zero_p) std::fill(a.x + ps[j] * a.m, a.x + (ps[j] + 1) * a.m, T(0));
-      if (zero_q) std::fill(a.x + qs[j] * a.m, a.x + (qs[j] + 1) * a.m, T(0));
-      // Formed for every pair (a pair left alone may give inf or NaN here, never used).
-      go[j] = !zero_p && !zero_q && svd::needs_rotation(alpha[j], beta[j], gamma[j], a.tol);
-      const svd::Rotation<T> r = svd::jacobi_rotation(alpha[j], beta[j], gamma[j]);
-      c[j] = r.c;
-      s[j] = r.s;
+    // Formed for every slot of the batch, in vectors (a pair left alone, or an unused slot, may
+    // give inf or NaN here, never used): one at a time, the two divisions and square roots of
+    // each pair took a third of the sweep.
+    for (int j = live; j < kPairBatch; ++j) alpha[j] = beta[j] = gamma[j] = T(1);
+    for (int j = 0; j < kPairBatch; ++j) {
+      t[j] = svd::jacobi_tangent(alpha[j], beta[j], gamma[j]);
+      c[j] = T(1) / std::sqrt(T(1) + t[j] * t[j]);
+    }
+    bool any_zero = false;
+    for (int j = 0; j < kPairBatch; ++j) {
+      zero_p[j] = svd::negligible(alpha[j], a.negligible);
+      zero_q[j] = svd::negligible(beta[j], a.negligible);
+      any_zero |= zero_p[j] | zero_q[j];
+      go[j] = !zero_p[j] & !zero_q[j] & svd::needs_rotation(alpha[j], beta[j], gamma[j], a.tol);
+    }
+    for (int j = 0; j < live && any_zero; ++j) {
+      if (zero_p[j]) zero_column(a, ps[j]);
+      if (zero_q[j]) zero_column(a, qs[j]);
     }
     for (int j = 0; j < live; ++j) {
       if (!go[j]) continue;
-      rotate<T, B>(a.x + ps[j] * a.m, a.x + qs[j] * a.m, a.m, c[j], s[j]);
-      rotate<T, B>(a.v + ps[j] * a.n, a.v + qs[j] * a.n, a.n, c[j], s[j]);
+      const int64_t p = ps[j], q = qs[j];
+      const T s = c[j] * t[j];
+      rotate<T, B>(a.x + p * a.m, a.x + q * a.m, a.m, c[j], s);
+      rotate<T, B>(a.v + p * a.n, a.v + q * a.n, a.n, c[j], s);
+      const T shift = t[j] * gamma[j];
+      a.norms[p] = updated_norm<T, B>(a, p, alpha[j], alpha[j] - shift);
+      a.norms[q] = updated_norm<T, B>(a, q, beta[j], beta[j] + shift);
       rotated = true;
     }
   }
@@ -225,15 +295,17 @@ template <typename T>
 void jacobi_impl(const JacobiSvdParams& p) {
   const RotatePairs<T> rotate_fn = pick_rotate_pairs<T>();
   const int64_t n_even = p.n + (p.n & 1), pairs = n_even / 2;
-  auto matrix = [&](int64_t b) {
+  auto matrix = [&](int64_t b, std::vector<T>& norms) {
     return JacobiMatrix<T>{static_cast<T*>(p.x) + b * p.n * p.m,
-                           static_cast<T*>(p.v) + b * p.n * p.n, p.m, p.n,
+                           static_cast<T*>(p.v) + b * p.n * p.n, norms.data(), p.m, p.n,
                            static_cast<T>(p.tol), p.negligible ? p.negligible[b] : -1.0};
   };
+  std::vector<T> norms(static_cast<size_t>(p.n));
   if (p.batch >= at::get_num_threads()) {
     at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<T> thread_norms(static_cast<size_t>(p.n));
       for (int64_t b = b0; b < b1; ++b) {
-        const JacobiMatrix<T> a = matrix(b);
+        const JacobiMatrix<T> a = matrix(b, thread_norms);
         p.sweeps[b] = sweep_matrix(a, p.max_sweeps, [&](int64_t round) {
           return rotate_fn(a, round, 0, pairs);
         });
@@ -244,7 +316,7 @@ void jacobi_impl(const JacobiSvdParams& p) {
   // Few matrices: a round's pairs in parallel, when a round has enough work to pay for it.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.m + p.n, 1));
   for (int64_t b = 0; b < p.batch; ++b) {
-    const JacobiMatrix<T> a = matrix(b);
+    const JacobiMatrix<T> a = matrix(b, norms);
     p.sweeps[b] = sweep_matrix(a, p.max_sweeps, [&](int64_t round) {
       std::vector<char> rotated(static_cast<size_t>(pairs), 0);
       at::parallel_for(0, pairs, grain, [&](int64_t i0, int64_t i1) {

@@ -75,12 +75,21 @@ struct Rotation {
   T c, s;
 };
 
+// The tangent t alone: its norm updates are alpha - t gamma and beta + t gamma. Branch-free (the
+// root as max(|zeta|, 1) sqrt(1 + (min / max)^2)), so a batch of pairs forms it in vectors.
 template <typename T>
-HOST_DEVICE Rotation<T> jacobi_rotation(T alpha, T beta, T gamma) {
+HOST_DEVICE T jacobi_tangent(T alpha, T beta, T gamma) {
   const T zeta = (beta - alpha) / (T(2) * gamma);
   const T az = fabs(zeta);
-  const T root = az > T(1) ? az * sqrt(T(1) + (T(1) / az) * (T(1) / az)) : sqrt(T(1) + az * az);
-  const T t = (zeta >= T(0) ? T(1) : T(-1)) / (az + root);
+  const T big = az > T(1) ? az : T(1), small = az > T(1) ? T(1) : az;
+  const T ratio = small / big;
+  const T root = big * sqrt(T(1) + ratio * ratio);
+  return (zeta >= T(0) ? T(1) : T(-1)) / (az + root);
+}
+
+template <typename T>
+HOST_DEVICE Rotation<T> jacobi_rotation(T alpha, T beta, T gamma) {
+  const T t = jacobi_tangent(alpha, beta, gamma);
   const T c = T(1) / sqrt(T(1) + t * t);
   return {c, c * t};
 }
@@ -89,14 +98,14 @@ HOST_DEVICE Rotation<T> jacobi_rotation(T alpha, T beta, T gamma) {
 // separately so that tiny or huge norms neither underflow nor overflow), and gamma != 0.
 template <typename T>
 HOST_DEVICE bool needs_rotation(T alpha, T beta, T gamma, T tol) {
-  return gamma != T(0) && fabs(gamma) > tol * sqrt(alpha) * sqrt(beta);
+  return (gamma != T(0)) & (fabs(gamma) > tol * sqrt(alpha) * sqrt(beta));
 }
 
 // float: the same test squared, in double, where a float's squared norms cannot overflow or
 // underflow; without the two square roots on the path of every pair, converged pairs included.
 HOST_DEVICE bool needs_rotation(float alpha, float beta, float gamma, float tol) {
   const double g = gamma, t = tol;
-  return gamma != 0.0f && g * g > t * t * static_cast<double>(alpha) * static_cast<double>(beta);
+  return (gamma != 0.0f) & (g * g > t * t * static_cast<double>(alpha) * static_cast<double>(beta));
 }
 
 // A column of a rank-deficient matrix that Jacobi drives towards zero may never reach it: with
