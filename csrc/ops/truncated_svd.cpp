@@ -128,14 +128,14 @@ Triplets svd_tall(const at::Tensor& C, int64_t k) {
   // float32's own rounding (6e-8). It costs one n x n x m float64 product against the ~60 n^2 m
   // float32 flops of the sweeps.
   const bool refine = X.scalar_type() == at::kFloat;
-  const at::Tensor X0 = refine ? X.clone() : at::Tensor();
+  const at::Tensor X0 = refine ? X.to(at::kDouble) : at::Tensor();
   at::Tensor Z = jacobi(X);  // Z's columns as rows
   at::Tensor cols = X;
   if (refine) {
-    const at::Tensor Zd = Z.to(at::kDouble);
-    const at::Tensor z_norms = at::linalg_vector_norm(Zd, 2, {-1}, /*keepdim=*/true);
-    Z = (Zd / z_norms).to(at::kFloat);
-    cols = at::matmul(Zd, X0.to(at::kDouble)) / z_norms;
+    at::Tensor Zd = Z.to(at::kDouble);
+    Zd.div_(at::linalg_vector_norm(Zd, 2, {-1}, /*keepdim=*/true));
+    Z = Zd.to(at::kFloat);
+    cols = at::matmul(Zd, X0);
   }
   const at::Tensor norms = at::linalg_vector_norm(cols, 2, {-1});
   const at::Tensor order = std::get<1>(norms.sort(/*stable=*/true, -1, /*descending=*/true))
