@@ -284,6 +284,23 @@ def test_orthonormalize_kernel_full_and_nan(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_round_split_over_threads_matches_the_batch(dtype):
+    # 257 columns: alone, a matrix's rounds (129 pairs, the odd column sitting each one out in
+    # turn) are split over the threads, each keeping its own pairs' column norms; in a batch of
+    # two, each thread sweeps a whole matrix. The same rotations either way: bitwise equal (the
+    # kernel itself; the op's BLAS products may round differently for a batch of one).
+    X = random_matrix((2, 257, 260), seed=12).to(dtype)
+    out, V, sweeps = C().svd_jacobi_columns(X)
+    out1, V1, sweeps1 = C().svd_jacobi_columns(X[1:])
+    assert sweeps1[0] == sweeps[1] and 2 <= sweeps[1] <= 20
+    assert torch.equal(out1[0], out[1]) and torch.equal(V1[0], V[1])
+    if dtype == torch.float64:  # float32's column norms are only final after the op's refinement
+        S = out.norm(dim=-1).sort(dim=-1, descending=True).values
+        S_ref = torch.linalg.svdvals(X)
+        assert ((S - S_ref).abs() / S_ref[..., :1]).max() <= SVD_TOLERANCES[dtype]["values"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_jacobi_kernel_sweeps_and_status(device, dtype):
     X = random_matrix((3, 16, 40), seed=1)
     X[2, 0, 0] = float("nan")
