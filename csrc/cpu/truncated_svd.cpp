@@ -3,9 +3,10 @@
 // jacobi: the pairs of each round of the round-robin ordering are disjoint, so they are rotated
 // in any order, or in parallel, with the same result: a batch at least as large as the thread
 // count runs one matrix per thread, a smaller one parallelises each round's pairs. Either way a
-// matrix's result does not depend on the batch it came in or on the thread count. The pair's three
-// dot products come from one pass over both columns; columns are contiguous, vectorised through
-// GCC vector extensions with an AVX2 + FMA clone chosen at run time.
+// matrix's result does not depend on the batch it came in or on the thread count. A pair costs
+// one dot product (the columns' squared norms are kept, see kRenormalize); columns are
+// contiguous, vectorised through GCC vector extensions with AVX2 + FMA and AVX-512 clones chosen
+// at run time.
 #include "kernels/truncated_svd.h"
 
 #include <ATen/Parallel.h>
@@ -214,11 +215,10 @@ PK_SIMD_INLINE bool rotate_pairs(const JacobiMatrix<T>& a, int64_t round, int64_
       }
       ++live;
     }
-    // Formed for every slot of the batch, in vectors (a pair left alone, or an unused slot, may
-    // give inf or NaN here, never used): one at a time, the two divisions and square roots of
-    // each pair took a third of the sweep.
-    // Vectorised with AVX-512 (the 64-byte clones) and for float (see tangent): then the whole
-    // batch, otherwise the live pairs alone.
+    // The rotations, in vectors where GCC vectorises this loop (AVX-512's 64-byte clones, and
+    // float: see tangent) over the whole batch, unused slots included; otherwise over the live
+    // pairs. A pair left alone, or an unused slot, may give inf or NaN here, never used. One
+    // pair at a time, the divisions and square roots took a third of the sweep.
     const int slots = B == 64 || sizeof(T) == 4 ? static_cast<int>(kPairBatch) : live;
     for (int j = live; j < slots; ++j) alpha[j] = beta[j] = gamma[j] = T(1);
     for (int j = 0; j < slots; ++j) {
@@ -318,7 +318,6 @@ void jacobi_impl(const JacobiSvdParams& p) {
                            static_cast<T*>(p.v) + b * p.n * p.n, norms.data(), p.m, p.n,
                            static_cast<T>(p.tol), p.negligible ? p.negligible[b] : -1.0};
   };
-  std::vector<T> norms(static_cast<size_t>(p.n));
   if (p.batch >= at::get_num_threads()) {
     at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) {
       std::vector<T> thread_norms(static_cast<size_t>(p.n));
@@ -333,6 +332,7 @@ void jacobi_impl(const JacobiSvdParams& p) {
   }
   // Few matrices: a round's pairs in parallel, when a round has enough work to pay for it.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.m + p.n, 1));
+  std::vector<T> norms(static_cast<size_t>(p.n));
   for (int64_t b = 0; b < p.batch; ++b) {
     const JacobiMatrix<T> a = matrix(b, norms);
     p.sweeps[b] = sweep_matrix(a, p.max_sweeps, [&](int64_t round) {
