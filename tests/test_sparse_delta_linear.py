@@ -169,6 +169,23 @@ def test_indices_revalidated_after_in_place_change(device):
         pk.ops.sparse_delta_linear(x, w[:2], torch.tensor([0, 1, 2, 40], device=device), v[:4])
 
 
+@pytest.mark.parametrize("lead", [(4,), (300,)])  # the sparse and the dense path
+def test_write_behind_autograd_back(device, lead):
+    # .data writes keep the version counter: the CPU checks every call anyway; CUDA's validated
+    # tensors are clamped into the matrix, so the call stays inside W, x and dy.
+    x, w, _, idx, v = make_inputs(lead, 50, 40, 2, torch.float32, device)
+    x.requires_grad_(True)
+    v.requires_grad_(True)
+    pk.ops.sparse_delta_linear(x, w, idx, v)
+    idx.data[1] = 10**12
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"\[0, 2000\)"):
+            pk.ops.sparse_delta_linear(x, w, idx, v)
+    else:
+        pk.ops.sparse_delta_linear(x, w, idx, v).sum().backward()
+        torch.cuda.synchronize()
+
+
 def test_bad_inputs():
     x, w, b, idx, v = make_inputs((4,), 9, 7, 5, torch.float32, "cpu")
     op = pk.ops.sparse_delta_linear

@@ -82,12 +82,13 @@ Shapes check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   return {c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1), in, out, indices.size(0)};
 }
 
-// Index tensors that passed validation. A layer passes the same index buffer every step, and
-// each validation costs a device-to-host copy (on CUDA a stream sync: it measured 0.88x of the
-// dense baseline's weight gradient before this cache). An entry holds while that very tensor is
-// alive and unmodified: the same TensorImpl (the weak reference keeps its memory from being
-// reused by another tensor), the same version counter (bumped by every in-place write), the same
-// weight shape.
+// CUDA index tensors that passed validation. A layer passes the same index buffer every step, and
+// on CUDA each validation is a stream sync (it measured 0.88x of the dense baseline's weight
+// gradient before this cache). An entry holds while that very tensor is alive and unmodified: the
+// same TensorImpl (the weak reference keeps its memory from being reused by another tensor), the
+// same version counter (bumped by every in-place write), the same weight shape. A write that
+// autograd does not see (through .data, or DLPack) keeps the version, so make_pattern also clamps
+// cached indices into the matrix: such a write can give wrong values, never a read outside it.
 class ValidatedIndices {
  public:
   bool contains(const at::Tensor& indices, int64_t out, int64_t in) {
@@ -124,15 +125,18 @@ ValidatedIndices& validated_indices() {
   return cache;
 }
 
-// Validates the indices (one device-to-host copy of two flags, unless this tensor passed before)
-// and builds the row view (and with with_columns the column view) that the sparse kernels read;
-// the dense paths need neither.
+// Validates the indices (one device-to-host copy of two flags: on the CPU every call, as it
+// costs two passes over k; on CUDA unless this tensor passed before) and builds the row view (and
+// with with_columns the column view) that the sparse kernels read; the dense paths need neither.
 Pattern make_pattern(const at::Tensor& indices, const Shapes& s, bool with_rows,
                      bool with_columns) {
   Pattern p;
   p.flat = indices.to(at::kLong).contiguous();
   const auto long_opts = p.flat.options();
-  if (s.nnz > 0 && !validated_indices().contains(indices, s.out, s.in)) {
+  const bool cached = indices.is_cuda() && validated_indices().contains(indices, s.out, s.in);
+  if (cached) {
+    p.flat = p.flat.clamp(0, s.out * s.in - 1);  // see ValidatedIndices
+  } else if (s.nnz > 0) {
     const at::Tensor flags = at::stack({
         (p.flat.min() < 0).logical_or(p.flat.max() >= s.out * s.in),
         s.nnz > 1 ? (p.flat.slice(0, 1).le(p.flat.slice(0, 0, s.nnz - 1))).any()
@@ -142,7 +146,7 @@ Pattern make_pattern(const at::Tensor& indices, const Shapes& s, bool with_rows,
     TORCH_CHECK_VALUE(!f[0], kOp, ": indices must lie in [0, out_features * in_features) = [0, ",
                       s.out * s.in, ")");
     TORCH_CHECK_VALUE(!f[1], kOp, ": indices must be sorted in increasing order without duplicates");
-    validated_indices().insert(indices, s.out, s.in);
+    if (indices.is_cuda()) validated_indices().insert(indices, s.out, s.in);
   }
   if (!with_rows) return p;
   const at::Tensor rows64 = at::div(p.flat, s.in, "floor");
