@@ -43,7 +43,7 @@ def test_outer_matches_reference(device, b, rows, dtype):
     k = 4
     a = torch.randn(rows, k * b, dtype=dtype, device=device)
     c = torch.randn(rows, k * b, dtype=dtype, device=device)
-    got = _block_outer(a, c, b)
+    got = _block_outer(a, c, b, 1)
     want = torch.einsum("nki,nkj->kij", a.double().cpu().view(rows, k, b), c.double().cpu().view(rows, k, b))
     # a sum over `rows` products: scale the tolerance by the sum's magnitude, sqrt(rows)
     assert got.shape == (k, b, b)
@@ -52,10 +52,10 @@ def test_outer_matches_reference(device, b, rows, dtype):
 
 def test_outer_is_deterministic():
     a, c = torch.randn(20000, 64), torch.randn(20000, 64)
-    first = _block_outer(a, c, 8)
+    first = _block_outer(a, c, 8, 1)
     torch.set_num_threads(1)
     try:
-        single = _block_outer(a, c, 8)
+        single = _block_outer(a, c, 8, 1)
     finally:
         torch.set_num_threads(2)
     assert torch.equal(first, single)
@@ -65,6 +65,20 @@ def test_non_contiguous_input():
     R = rotations(4, 8)
     x = torch.randn(32, 10, dtype=torch.float64).mT  # [10, 32], non-contiguous
     torch.testing.assert_close(pk.ops.block_rotate(x, R), rotate_ref(x, R, False))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dim", [1, -3])
+def test_rotate_over_a_middle_dimension(device, memory_format, dim):
+    # The channels of an [N, C, H, W] batch: the same as moving them last, rotating, moving back.
+    R = rotations(3, 4, device=device).requires_grad_()
+    x = torch.randn(2, 12, 5, 3, dtype=torch.float64, device=device)
+    x = x.to(memory_format=memory_format).requires_grad_()
+    y = pk.ops.block_rotate(x, R, dim=dim)
+    yr = rotate_ref(x.detach().movedim(1, -1).cpu(), R.detach().cpu(), False).movedim(-1, 1)
+    torch.testing.assert_close(y.cpu(), yr, rtol=1e-12, atol=1e-12)
+    if device == "cpu":
+        assert torch.autograd.gradcheck(lambda x, R: pk.ops.block_rotate(x, R, dim=dim), (x, R))
 
 
 def test_gradcheck_rotate():
@@ -103,8 +117,8 @@ def test_rotated_linear_matches_reference_and_gradcheck():
 def test_opcheck():
     R = rotations(3, 4)
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.peft_kernels.block_rotate.default, (x, R.requires_grad_(), False))
-    torch.library.opcheck(torch.ops.peft_kernels.block_outer.default, (x.detach(), x.detach() * 2, 4))
+    torch.library.opcheck(torch.ops.peft_kernels.block_rotate.default, (x, R.requires_grad_(), False, 1))
+    torch.library.opcheck(torch.ops.peft_kernels.block_outer.default, (x.detach(), x.detach() * 2, 4, 1))
     w = torch.randn(7, 12, dtype=torch.float64)
     torch.library.opcheck(torch.ops.peft_kernels.rotated_linear.default, (x, w, None, R))
 
@@ -135,12 +149,14 @@ def test_bad_inputs():
         pk.ops.block_rotate(torch.randn(2, 12).int(), R.int())
     with pytest.raises(ValueError, match="0-D"):
         pk.ops.block_rotate(torch.tensor(1.0), R)
+    with pytest.raises(ValueError, match=r"dim must be an int in \[-2, 2\)"):
+        pk.ops.block_rotate(torch.randn(2, 12), R, dim=2)
     with pytest.raises(ValueError, match="one device"):
         pk.ops.block_rotate(torch.randn(2, 12), R.to("meta"))
     with pytest.raises(ValueError, match="block_size"):
-        _block_outer(torch.randn(2, 12), torch.randn(2, 12), 5)
+        _block_outer(torch.randn(2, 12), torch.randn(2, 12), 5, 1)
     with pytest.raises(ValueError, match="c must have a's shape"):
-        _block_outer(torch.randn(2, 12), torch.randn(3, 12), 4)
+        _block_outer(torch.randn(2, 12), torch.randn(3, 12), 4, 1)
     with pytest.raises(ValueError, match="frozen"):
         pk.ops.rotated_linear(torch.randn(2, 12), torch.randn(5, 12, requires_grad=True), R)
     with pytest.raises(ValueError, match="k \\* b = in_features"):

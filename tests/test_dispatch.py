@@ -1,5 +1,7 @@
 """The direct eager path of the ops (peft_kernels/ops/_dispatch.py) against the registered
 torch.library op: the same outputs and gradients bit for bit, and each path really taken."""
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -57,9 +59,22 @@ def _lie(device):
             [t.to(device) for t in (x, A, B)])
 
 
+def _lie_conv(device):  # list arguments (stride, padding, dilation) besides the tensors
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64)
+    W = torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64)
+    A = torch.randn(2, 18, generator=g, dtype=torch.float64)
+    B = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    W = W.to(device)
+    return ((lambda x, A, B: pk.ops.lie_conv2d(x, W, A, B, padding=1, stride=(2, 1), groups=2,
+                                               scaling=0.7)),
+            [t.to(device) for t in (x, A, B)])
+
+
 CASES = {"lora_linear": (_lora, "lora_linear_fwd"),
          "sparse_delta_linear": (_sparse, "sparse_delta_linear_fwd"),
-         "expm": (_expm, "expm_fwd"), "lie_linear": (_lie, "lie_linear")}
+         "expm": (_expm, "expm_fwd"), "lie_linear": (_lie, "lie_linear"),
+         "lie_conv2d": (_lie_conv, "lie_conv2d")}
 
 
 def _forward_backward(run, inputs):
@@ -124,12 +139,20 @@ def _all_ops():
     return ops
 
 
-def test_direct_path_refuses_double_backward():
-    run, inputs = _expm("cpu")
-    A = inputs[0].requires_grad_()
-    (g,) = torch.autograd.grad(run(A).sum(), A, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        g.sum().backward()
+@pytest.mark.parametrize("registered", [False, True])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_double_backward_is_refused(case, registered):
+    # The backward kernels have no derivative: a gradient taken with create_graph=True raises
+    # when differentiated again, on the direct path and through the registered op alike (there
+    # it used to come back as a constant, so a gradient penalty silently added nothing).
+    run, inputs = CASES[case][0]("cpu")
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with PassThrough() if registered else contextlib.nullcontext():
+        out = run(*leaves)
+        y = out[0] if isinstance(out, tuple) else out
+        grads = torch.autograd.grad(y.square().sum(), leaves, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            sum(g.square().sum() for g in grads).backward()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -191,3 +214,67 @@ def test_forward_mode_is_refused_clearly():
     run, inputs = _lie("cpu")
     with pytest.raises(NotImplementedError, match="jvp"):
         torch.func.jacfwd(run, argnums=1)(*inputs)
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+@pytest.mark.parametrize("call, exc, text", [
+    (lambda: pk.ops.lora_linear(_meta(4, 5), _meta(7, 4), _meta(3, 5), _meta(7, 3)),
+     ValueError, r"weight must have shape \[out_features, in_features\], got \(7, 4\)"),
+    (lambda: pk.ops.lora_linear(_meta(4, 5), _meta(7, 5), _meta(3, 5), _meta(7, 2)),
+     ValueError, r"lora_B must have shape \[out_features, r\]"),
+    (lambda: pk.ops.lora_linear(_meta(4, 5), _meta(7, 5), _meta(3, 5), _meta(7, 3), bias=_meta(6)),
+     ValueError, r"bias must have shape \[out_features\]"),
+    (lambda: pk.ops.lora_linear(_meta(4, 5), _meta(7, 5), _meta(3, 5), _meta(7, 3, dtype=torch.float64)),
+     TypeError, "lora_B has dtype torch.float64 but x has torch.float32"),
+    (lambda: pk.ops.sparse_delta_linear(_meta(4, 5), _meta(7, 5), _meta(3), _meta(3)),
+     TypeError, "indices must be int64 or int32"),
+    (lambda: pk.ops.sparse_delta_linear(_meta(4, 5), _meta(7, 5), _meta(3, dtype=torch.int64), _meta(2)),
+     ValueError, "values must have shape"),
+    (lambda: pk.ops.expm(_meta(3, 3, dtype=torch.int64)), TypeError, "A must be float32"),
+    (lambda: pk.ops.truncated_svd(_meta(3, 3, dtype=torch.int32), 2), TypeError, "A must be float32"),
+    (lambda: pk.ops.block_rotate(_meta(2, 10), _meta(3, 4, 4)), ValueError, "must equal k \\* b"),
+    (lambda: pk.ops.lie_weight(_meta(6, 4), _meta(2, 5), _meta(6, 2)), ValueError, "lora_A must have shape"),
+    (lambda: pk.ops.lie_linear(_meta(3, 4), _meta(6, 4), _meta(2, 4), _meta(5, 2)),
+     ValueError, "lora_B must have shape"),
+    (lambda: pk.ops.lie_conv2d(_meta(1, 4, 5, 5), _meta(6, 4, 3), _meta(2, 36), _meta(6, 2)),
+     ValueError, "weight must have shape"),
+])
+def test_fake_kernels_check_what_the_kernels_check(call, exc, text):
+    # Shapes-only calls (meta tensors; torch.compile's tracing) refuse what the C++ side refuses,
+    # instead of answering with a shape.
+    with pytest.raises(exc, match=text):
+        call()
+
+
+@pytest.mark.parametrize("call, text", [
+    (lambda: pk.ops.lora_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(1, 3),
+                                torch.randn(4, 1), dropout_p=0.1, seed=5),
+     "seed must be a torch.Tensor or None, got int"),
+    (lambda: pk.ops.lora_linear([[1.0]], torch.randn(4, 1), torch.randn(1, 1), torch.randn(4, 1)),
+     "x must be a torch.Tensor, got list"),
+    (lambda: pk.ops.sparse_delta_linear(torch.randn(2, 3), torch.randn(4, 3), [1, 2], torch.randn(2)),
+     "indices must be a torch.Tensor, got list"),
+    (lambda: pk.ops.lie_linear(torch.randn(2, 3), torch.randn(4, 3), "A", torch.randn(4, 1)),
+     "lora_A must be a torch.Tensor, got str"),
+    (lambda: pk.ops.block_rotate(torch.randn(2, 4), None), "rotations must be a torch.Tensor"),
+    (lambda: pk.ops.rotated_linear(torch.randn(2, 8), torch.randn(3, 8),
+                                   torch.eye(4).expand(2, 4, 4).long()),
+     "rotations has dtype torch.int64 but weight has torch.float32"),
+    (lambda: pk.ops.truncated_svd(torch.randn(4, 4), None), "k must be an int, got NoneType"),
+])
+def test_arguments_that_are_not_tensors(call, text):
+    with pytest.raises(TypeError, match=text):
+        call()
+
+
+def test_rotated_linear_shapes_name_the_argument():
+    R = torch.eye(4).expand(2, 4, 4).contiguous()
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 8\]"):
+        pk.ops.rotated_linear(torch.randn(2, 7), torch.randn(3, 8), R)
+    with pytest.raises(ValueError, match=r"bias must have shape \[3\]"):
+        pk.ops.rotated_linear(torch.randn(2, 8), torch.randn(3, 8), R, torch.randn(4))
+    with pytest.raises(ValueError, match=r"rotations must have shape \[k, b, b\]"):
+        pk.ops.rotated_linear(torch.randn(2, 8), torch.randn(3, 8), R[:, :, :3])

@@ -135,6 +135,23 @@ def test_compile_fullgraph():
     torch.testing.assert_close(g, layer.oft_params.grad)
 
 
+def test_conv_compiles_for_a_new_image_size():
+    # The second size recompiles with dynamic shapes (inductor): the channel rotation's op takes
+    # the image batch itself, so no permuted view of it is saved for backward.
+    layer = randomise(OrthogonalConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1), 2))
+    compiled = torch.compile(layer, fullgraph=True)
+    for shape in [(8, 4, 5, 5), (8, 4, 7, 7)]:
+        x = torch.randn(*shape)
+        y = compiled(x)
+        y.sum().backward()
+        g = layer.oft_params.grad
+        layer.oft_params.grad = None
+        layer(x).sum().backward()
+        torch.testing.assert_close(y, layer(x))
+        torch.testing.assert_close(g, layer.oft_params.grad)
+        layer.oft_params.grad = None
+
+
 @pytest.mark.parametrize("shape", [(6, 6), (4, 6), (6, 4), (3, 5, 5)])
 def test_matrix_exp_orthogonal_matches_torch_parametrization(shape):
     torch.manual_seed(2)

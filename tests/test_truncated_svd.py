@@ -1,6 +1,7 @@
 """pk.ops.truncated_svd against numpy's LAPACK SVD (float64): exact Jacobi accuracy over shapes and
 hard spectra, randomized accuracy on decaying spectra, the kernels on their own, gradients,
 NaN isolation, opcheck, compile and bad inputs."""
+import contextlib
 import math
 
 import numpy as np
@@ -356,6 +357,25 @@ def test_gradcheck_truncated_rank_k():
 def test_singular_value_gradient_exact_when_truncated():
     A = random_matrix((9, 7), seed=6).requires_grad_()
     assert torch.autograd.gradcheck(lambda a: _loss_parts(a, 3)[1], (A,), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("registered", [False, True])
+def test_singular_value_gradient_with_repeated_and_zero_values(registered):
+    # S alone (a nuclear-norm penalty): U_k V_kᵀ, finite where the U / V terms would divide by
+    # S_j^2 - S_k^2 = 0 and by S = 0. (U, S, Vh unused outputs get no zero-filled gradient.)
+    W = torch.diag(torch.tensor([2.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    for k in (3, 5):
+        A = W.clone().requires_grad_()
+        with torch.device("cpu") if registered else contextlib.nullcontext():
+            _, S, _ = pk.ops.truncated_svd(A, k, method="jacobi")
+            S.sum().backward()
+        want = torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0][:k] + [0.0] * (5 - k),
+                                       dtype=torch.float64))
+        if k == 5:  # the two zero singular values' vectors carry +-1 each: U Vᵀ is orthogonal
+            assert torch.isfinite(A.grad).all()
+            torch.testing.assert_close(A.grad[:3, :3], want[:3, :3], rtol=0, atol=1e-14)
+        else:
+            torch.testing.assert_close(A.grad, want, rtol=0, atol=1e-14)
 
 
 def test_gradient_matches_torch_linalg_svd():

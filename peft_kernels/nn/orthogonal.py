@@ -30,9 +30,7 @@ def skew_from_params(params: Tensor, block_size: int) -> Tensor:
 def rotate_blocks(x: Tensor, rotations: Tensor, dim: int) -> Tensor:
     """Apply ``x_blk ↦ R_i x_blk`` to consecutive blocks of ``x`` along ``dim`` (``x Rᵀ`` for
     the last dimension) with the block_rotate kernel: no dense block-diagonal matrix."""
-    if dim in (-1, x.dim() - 1):
-        return block_rotate(x, rotations)
-    return block_rotate(x.movedim(dim, -1), rotations).movedim(-1, dim)
+    return block_rotate(x, rotations, dim=dim)
 
 
 class _OrthogonalBlocks(nn.Module):

@@ -1,6 +1,8 @@
 """Argument checks the Python side of every op shares (the C++ side checks the rest)."""
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor
 
 
@@ -22,3 +24,36 @@ def check_frozen(op: str, weight: Tensor) -> None:
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: weight must be frozen (requires_grad=False); it receives no "
                          "gradient. Call weight.requires_grad_(False) or pass weight.detach().")
+
+
+def check_tensors(op: str, required: dict, optional: Optional[dict] = None) -> None:
+    """Each of ``required`` a tensor, each of ``optional`` a tensor or None: a TypeError naming
+    the argument, before anything reads a tensor attribute of it."""
+    for name, t in required.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (optional or {}).items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+
+
+_FLOATING = ("float32", "float64", "float16", "bfloat16")
+
+
+def check_fake_like(op: str, named: dict, ref: str) -> None:
+    """For the fake kernels (meta tensors, torch.compile's tracing), which never reach the C++
+    checks: the tensors of ``named`` (None allowed) on one device and in ``named[ref]``'s dtype,
+    a floating one."""
+    check_one_device(op, named, ref)
+    dtype = named[ref].dtype
+    if str(dtype).replace("torch.", "") not in _FLOATING:
+        raise TypeError(f"{op}: {ref} must be float32, float64, float16 or bfloat16, got {dtype}")
+    for name, t in named.items():
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref} has {dtype}")
+
+
+def check_fake_shape(op: str, name: str, t: Tensor, expected: tuple, text: str) -> None:
+    """``t``'s shape against ``expected`` (None: any size there), for the fake kernels."""
+    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+        raise ValueError(f"{op}: {name} must have shape {text}, got {tuple(t.shape)}")

@@ -97,7 +97,9 @@ class Op:
         return self.op.register_fake(fake)
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
-        self.op.register_autograd(backward, setup_context=setup_context)
+        # The backward kernels have no derivative: under create_graph=True the gradients must
+        # raise when differentiated, not pass for constants (on every path alike).
+        self.op.register_autograd(once_differentiable(backward), setup_context=setup_context)
         fn = self.fn
 
         # The ctx-first forward: with a separate setup_context, Function.apply binds the
@@ -125,7 +127,9 @@ class Op:
     def _vmap_by_loop(self, info, in_dims, *args):
         """torch.func.vmap's rule: the op once per batch entry, results stacked (correct for
         every op and argument; one call per entry, so per-sample work costs a call each)."""
-        outputs = [self(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
+        # (A list argument, such as a stride, comes with a list of None as its in_dim.)
+        outputs = [self(*(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                          for a, d in zip(args, in_dims)))
                    for i in range(info.batch_size)]
         if isinstance(outputs[0], tuple):
             return tuple(torch.stack(o) for o in zip(*outputs)), (0,) * len(outputs[0])

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
+from peft_kernels.ops._checks import check_fake_like
 from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 
@@ -15,6 +16,7 @@ def _expm_fwd(A: Tensor) -> Tensor:
 
 @_expm_fwd.register_fake
 def _(A):
+    check_fake_like("expm", dict(A=A), "A")
     return torch.empty_like(A, memory_format=torch.contiguous_format)
 
 

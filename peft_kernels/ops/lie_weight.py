@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
-from peft_kernels.ops._checks import check_frozen, check_one_device
+from peft_kernels.ops._checks import (check_fake_like, check_fake_shape, check_frozen,
+                                      check_one_device, check_tensors)
 from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 
@@ -26,9 +27,20 @@ def _lie_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                                floating=(0, 1, 2))
 
 
+def _check_fake_factors(op: str, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> None:
+    """The C++ shape checks of the adapter factors, for the fake kernels."""
+    if weight.dim() < 2:
+        raise ValueError(f"{op}: weight must have at least 2 dimensions [out, ...], got "
+                         f"{tuple(weight.shape)}")
+    check_fake_shape(op, "lora_A", lora_A, (None, weight.shape[1:].numel()),
+                     "[r, K] with K = weight.shape[1:].numel()")
+    check_fake_shape(op, "lora_B", lora_B, (weight.shape[0], lora_A.shape[0]), "[out, r]")
+
+
 @_lie_weight.register_fake
 def _(weight, lora_A, lora_B, scaling, first_order):
-    check_one_device("lie_weight", dict(weight=weight, lora_A=lora_A, lora_B=lora_B), "weight")
+    check_fake_like("lie_weight", dict(weight=weight, lora_A=lora_A, lora_B=lora_B), "weight")
+    _check_fake_factors("lie_weight", weight, lora_A, lora_B)
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -70,6 +82,7 @@ def lie_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float
     summed with atomics (not bit-reproducible: under ``torch.use_deterministic_algorithms(True)``
     the backward raises); on the CPU they are deterministic.
     """
+    check_tensors("lie_weight", dict(weight=weight, lora_A=lora_A, lora_B=lora_B))
     check_frozen("lie_weight", weight)
     return _lie_weight(weight, lora_A, lora_B, float(scaling), bool(first_order))
 
@@ -85,8 +98,14 @@ def _lie_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias:
 
 @_lie_linear.register_fake
 def _(x, weight, lora_A, lora_B, bias, scaling, first_order):
-    check_one_device("lie_linear",
-                     dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias), "weight")
+    op = "lie_linear"
+    check_fake_like(op, dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias), "weight")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape [..., in_features], got a 0-D tensor")
+    check_fake_shape(op, "weight", weight, (None, x.shape[-1]), "[out_features, in_features]")
+    _check_fake_factors(op, weight, lora_A, lora_B)
+    if bias is not None:
+        check_fake_shape(op, "bias", bias, (weight.shape[0],), "[out_features]")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -133,6 +152,8 @@ def lie_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, *,
     W_eff is generated for the product and dropped; backward forms it again, with the weight
     gradient, one block of output rows at a time (no out×in tensor outlives its block).
     """
+    check_tensors("lie_linear", dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B),
+                  dict(bias=bias))
     check_frozen("lie_linear", weight)
     return _lie_linear(x, weight, lora_A, lora_B, bias, float(scaling), bool(first_order))
 
@@ -150,8 +171,12 @@ def _lie_conv2d(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias:
 
 @_lie_conv2d.register_fake
 def _(x, weight, lora_A, lora_B, bias, stride, padding, dilation, groups, scaling, first_order):
-    check_one_device("lie_conv2d",
-                     dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias), "weight")
+    check_fake_like("lie_conv2d", dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias),
+                    "weight")
+    if weight.dim() != 4:
+        raise ValueError(f"lie_conv2d: weight must have shape [out, in / groups, kh, kw], got "
+                         f"{tuple(weight.shape)}")
+    _check_fake_factors("lie_conv2d", weight, lora_A, lora_B)
     return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -207,6 +232,8 @@ def lie_conv2d(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, *,
     :func:`lie_weight` (weight ``[out, in/groups, kh, kw]``, lora_A ``[r, in/groups·kh·kw]``).
     Zero padding given as ints; backward works over blocks of whole groups of output channels.
     """
+    check_tensors("lie_conv2d", dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B),
+                  dict(bias=bias))
     check_frozen("lie_conv2d", weight)
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"lie_conv2d: groups must be a positive int, got {groups!r}")

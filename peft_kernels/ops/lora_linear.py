@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
-from peft_kernels.ops._checks import check_frozen, check_one_device
+from peft_kernels.ops._checks import (check_fake_like, check_fake_shape, check_frozen,
+                                      check_one_device, check_tensors)
 from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -36,8 +37,16 @@ def _lora_linear_fwd(
 
 @_lora_linear_fwd.register_fake
 def _(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, activation):
-    check_one_device("lora_linear",
-                     dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias), "x")
+    op = "lora_linear"
+    check_fake_like(op, dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias), "x")
+    check_one_device(op, dict(x=x, seed=seed), "x")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape [..., in_features], got a 0-D tensor")
+    check_fake_shape(op, "weight", weight, (None, x.shape[-1]), "[out_features, in_features]")
+    check_fake_shape(op, "lora_A", lora_A, (None, x.shape[-1]), "[r, in_features]")
+    check_fake_shape(op, "lora_B", lora_B, (weight.shape[0], lora_A.shape[0]), "[out_features, r]")
+    if bias is not None:
+        check_fake_shape(op, "bias", bias, (weight.shape[0],), "[out_features]")
     lead = x.shape[:-1]
     y = x.new_empty((*lead, weight.shape[0]))
     pre = x.new_empty((*lead, lora_A.shape[0]), dtype=_accumulation_dtype(x.dtype))
@@ -135,12 +144,14 @@ def lora_linear(
     (erf form) or "silu" make it a parallel bottleneck adapter. Dropout (inverted, as
     ``torch.nn.Dropout``) acts on the adapter branch only and only when ``training``; its mask is a
     function of ``seed`` (default: :func:`draw_dropout_seed`), regenerated in backward, never stored.
-    The mask compares 24 random bits with ``round(dropout_p · 2²⁴)``, so the drop probability is
-    ``dropout_p`` to within 2⁻²⁵ (below 2⁻²⁵ nothing is dropped).
+    The mask compares a 16-bit Philox field per element with a threshold, so the drop
+    probability is ``dropout_p`` to within 2⁻¹⁷, and at least 2⁻¹⁶ for any ``dropout_p > 0``.
 
     Gradients flow to x, lora_A, lora_B and bias. float32, float64, float16, bfloat16 (float32
     accumulation; the CPU converts half inputs to float32).
     """
+    check_tensors("lora_linear", dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B),
+                  dict(bias=bias, seed=seed))
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"lora_linear: activation must be one of None, 'relu', 'gelu', 'silu', got {activation!r}"

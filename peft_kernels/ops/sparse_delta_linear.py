@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
-from peft_kernels.ops._checks import check_frozen, check_one_device
+from peft_kernels.ops._checks import (check_fake_like, check_fake_shape, check_frozen,
+                                      check_one_device, check_tensors)
 from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 
@@ -24,8 +25,18 @@ def _sparse_delta_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values:
 
 @_sparse_delta_linear_fwd.register_fake
 def _(x, weight, indices, values, bias):
-    check_one_device("sparse_delta_linear",
-                     dict(x=x, weight=weight, indices=indices, values=values, bias=bias), "x")
+    op = "sparse_delta_linear"
+    check_fake_like(op, dict(x=x, weight=weight, values=values, bias=bias), "x")
+    check_one_device(op, dict(x=x, indices=indices), "x")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: indices must be int64 or int32, got {indices.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape [..., in_features], got a 0-D tensor")
+    check_fake_shape(op, "weight", weight, (None, x.shape[-1]), "[out_features, in_features]")
+    check_fake_shape(op, "indices", indices, (None,), "[k]")
+    check_fake_shape(op, "values", values, (indices.shape[0],), "[k], one entry per index")
+    if bias is not None:
+        check_fake_shape(op, "bias", bias, (weight.shape[0],), "[out_features]")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -81,5 +92,7 @@ def sparse_delta_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tens
     activations there. Results are deterministic. float32, float64, float16, bfloat16 (float32
     accumulation; the CPU converts half inputs to float32).
     """
+    check_tensors("sparse_delta_linear", dict(x=x, weight=weight, indices=indices, values=values),
+                  dict(bias=bias))
     check_frozen("sparse_delta_linear", weight)
     return _sparse_delta_linear_fwd(x, weight, indices, values, bias)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels._ext import C
+from peft_kernels.ops._checks import check_fake_like
 from peft_kernels.ops._dispatch import cpu_half_in_float32, custom_op
 
 METHODS = ("auto", "jacobi", "randomized")
@@ -24,12 +25,17 @@ def _truncated_svd(A: Tensor, k: int, niter: int, oversample: int,
 
 @_truncated_svd.register_fake
 def _(A, k, niter, oversample, method):
+    check_fake_like("truncated_svd", dict(A=A), "A")
     batch, m, n = A.shape[:-2], A.shape[-2], A.shape[-1]
     return (A.new_empty(*batch, m, k), A.new_empty(*batch, k), A.new_empty(*batch, k, n))
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output)
+    # Unused outputs' gradients stay None: zeros for U and Vh would take the full formula, which
+    # divides by S_k^2 - S_j^2 and S (0 / 0 for repeated or zero singular values) where the S
+    # term alone is exact.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, gU: Optional[Tensor], gS: Optional[Tensor], gVh: Optional[Tensor]):
@@ -44,7 +50,8 @@ def _backward(ctx, gU: Optional[Tensor], gS: Optional[Tensor], gVh: Optional[Ten
     """
     U, S, Vh = ctx.saved_tensors
     if gU is None and gVh is None:
-        return (U * gS.unsqueeze(-2)) @ Vh, None, None, None, None
+        gA = None if gS is None else (U * gS.unsqueeze(-2)) @ Vh
+        return gA, None, None, None, None
     gU = torch.zeros_like(U) if gU is None else gU
     gV = torch.zeros_like(Vh).mT if gVh is None else gVh.mT
     UtgU = U.mT @ gU
@@ -110,8 +117,9 @@ def truncated_svd(A: Tensor, k: int, *, niter: Optional[int] = None,
                          f"{tuple(A.shape)}")
     if method not in METHODS:
         raise ValueError(f"truncated_svd: method must be one of {METHODS}, got {method!r}")
-    for name, value in (("k", k), ("niter", niter), ("oversample", oversample)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+    for name, value, optional in (("k", k, False), ("niter", niter, True),
+                                  ("oversample", oversample, True)):
+        if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"truncated_svd: {name} must be an int, got {type(value).__name__}")
     m, n = A.shape[-2], A.shape[-1]
     if not 1 <= k <= min(m, n):
