@@ -254,6 +254,25 @@ def test_unmerge_refuses_a_zero_first_order_factor():
         layer.unmerge()
 
 
+@pytest.mark.parametrize("fill", [-11.0, 20.0])
+def test_merge_refuses_a_weight_unmerge_could_not_restore(fill):
+    # exp(s·B A) = e^-121 (W_eff underflows float32 to zero) or e^400 (overflows): the merged
+    # weight would lose W, so merge refuses and leaves the base weight as it was; so does
+    # merge_and_unload, before it changes any layer.
+    lin = nn.Linear(4, 3)
+    layer = pk.nn.LieLinear.from_linear(lin, 1, alpha=1.0)
+    with torch.no_grad():
+        layer.lora_A.fill_(fill)
+        layer.lora_B.fill_(abs(fill))
+    W0 = lin.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="overflows or underflows torch.float32 at 12 entries"):
+        layer.merge()
+    model = nn.Sequential(layer)
+    with pytest.raises(ValueError, match="layer '0' cannot be merged"):
+        pk.nn.merge_and_unload(model)
+    assert not layer.merged and torch.equal(lin.weight, W0) and model[0] is layer
+
+
 def test_state_dict_round_trip():
     torch.manual_seed(13)
     layer = LieLinear_random(nn.Linear(9, 4), 2, first_order=True)
@@ -309,6 +328,8 @@ def test_bad_inputs():
         pk.ops.lie_conv2d(torch.randn(1, 2, 5, 5), torch.randn(4, 2, 3, 1), A, B, padding="same")
     with pytest.raises(ValueError, match="r must be a positive int"):
         pk.nn.LieLinear.from_linear(nn.Linear(3, 2), 0)
+    with pytest.raises(ValueError, match="r must be a positive int, got True"):
+        pk.nn.LieLinear.from_linear(nn.Linear(3, 2), True)
     with pytest.raises(TypeError, match="must be an nn.Linear"):
         pk.nn.LieLinear.from_linear(nn.Conv2d(3, 2, 1), 2)
     with pytest.raises(TypeError, match="must be an nn.Conv2d"):

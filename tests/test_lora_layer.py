@@ -142,6 +142,8 @@ def test_state_dict_round_trip(merged):
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="r must be a positive int"):
         pk.nn.LoRALinear.from_linear(nn.Linear(4, 4), r=0)
+    with pytest.raises(ValueError, match="r must be a positive int, got True"):
+        pk.nn.LoRALinear.from_linear(nn.Linear(4, 4), r=True)
     with pytest.raises(ValueError, match="dropout must be in"):
         pk.nn.LoRALinear.from_linear(nn.Linear(4, 4), r=2, dropout=1.0)
     with pytest.raises(ValueError, match="activation must be one of"):

@@ -189,3 +189,38 @@ def test_a_shared_module_gets_one_adapter_and_unloads_everywhere():
     assert type(model[0].v) is nn.Linear and model[0].v is model[1].v
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, **TOL)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: pk.nn.LoRALinear.from_linear(m, 4 if m.out_features == 16 else 40, init="pissa"),
+    lambda m: pk.nn.SVDNodeLinear.from_linear(m, 4 if m.out_features == 16 else 40),
+])
+def test_a_failing_make_gives_the_model_back(make):
+    # The first targets' PiSSA / SVD-node builds moved part of W into their adapters before the
+    # last target (16 -> 32, r = 40 > 16) failed: that part goes back, and so do the flags.
+    model = blocks(1)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    want = model(x)
+    with pytest.raises(ValueError, match="r"):
+        pk.nn.inject_adapters(model, ["q", "v", "mlp.0"], make)
+    assert all(type(m) is not pk.nn.LoRALinear and type(m) is not pk.nn.SVDNodeLinear
+               for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model(x), want, **TOL)
+
+
+def test_inject_keeps_what_the_new_layers_train():
+    # An SVD-node layer trains its base's bias, which the old module shared until the swap.
+    model = blocks(1)
+    pk.nn.inject_adapters(model, "q", lambda m: pk.nn.SVDNodeLinear.from_linear(m, 2))
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["0.q.A", "0.q.B", "0.q.base.bias"]
+
+
+def test_inject_refuses_a_module_inside_an_adapter():
+    model = blocks(1)
+    pk.nn.inject_adapters(model, "q", lora)
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"'0.q.base', which is inside the adapter layer '0.q'"):
+        pk.nn.inject_adapters(model, lambda name, m: isinstance(m, nn.Linear), lora)
+    assert [type(m) for m in model.modules()] == types

@@ -218,6 +218,25 @@ def test_from_linear_refusals_leave_the_linear_untouched():
     assert torch.equal(linear.weight, w0) and linear.weight.requires_grad
 
 
+@pytest.mark.parametrize("first", ["kaiming", "pissa"])
+def test_pissa_init_after_training_keeps_the_outputs(first):
+    # The adapter's current update is part of the weight PiSSA decomposes: a second call, or one
+    # after training, changes the split of W_full between base and adapter, not the outputs.
+    model = convert(Model(), init=first)
+    with torch.no_grad():
+        for name in RANKS:
+            getattr(model, name).lora_B.add_(0.3 * torch.randn_like(getattr(model, name).lora_B))
+    x = torch.randn(5, 16, dtype=torch.float64)
+    want = model(x)
+    pk.nn.pissa_init(model)
+    torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+    for name, r in RANKS.items():  # and the new adapter is the top-r part of W_full
+        layer = getattr(model, name)
+        full = layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A
+        A_ref, B_ref, _ = reference_pissa(full, r, layer.scaling)
+        assert_same_adapter(layer, A_ref, B_ref, torch.float64, name)
+
+
 def test_pissa_init_refusals():
     with pytest.raises(ValueError, match="has no LoRALinear layers"):
         pk.nn.pissa_init(Model())

@@ -416,6 +416,23 @@ def test_finetune_plan_with_optimizer_and_errors():
     assert node_count(model) == 14 and all(p.grad is None for p in model.parameters())
 
 
+def test_finetune_plan_checks_its_arguments_before_the_warm_up():
+    model = SmallNet()
+    calls = []
+
+    def loss(m, b):
+        calls.append(1)
+        return ce_loss(m, b)
+
+    with pytest.raises(ValueError, match=r"budget must lie in \[n_important, nodes\] = \[3, 14\]"):
+        ggm_finetune_plan(model, make_batches(4), loss, 2, n_important=3)
+    with pytest.raises(ValueError, match="n_important must be <= the node count 14, got 30"):
+        ggm_finetune_plan(model, make_batches(4), loss, 5)  # the default n_important
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['iterations'\]"):
+        ggm_finetune_plan(model, make_batches(4), loss, 5, n_important=2, iterations=3)
+    assert not calls
+
+
 def test_public_surface():
     for name in ("NodeScorer", "ggm_allocate", "ggm_bcd", "apply_allocation", "ggm_finetune_plan",
                  "generalized_soft_threshold", "GGMAllocation"):

@@ -423,6 +423,21 @@ def test_apply_plan_train_head_and_errors():
         p.numel() for p in model.parameters())
 
 
+def test_frozen_bases_inside_adapters_are_not_candidates():
+    # A model that already has adapter layers (e.g. after apply_plan): their base Linears are
+    # frozen by design, so scoring or planning them is refused or skipped.
+    model = tiny_mlp()
+    model[0] = pk.nn.SVDNodeLinear.from_linear(model[0], 2)
+    model[3] = LoRALinear.from_linear(model[3], 2)
+    batches = make_batches(2)
+    scores = sensitivity(model, batches, ce_loss, exclude=[], progress=False)
+    assert sorted(scores) == ["5"]
+    with pytest.raises(ValueError, match=r"'3.base', the frozen base of the adapter layer '3'"):
+        sensitivity(model, batches, ce_loss, targets=["3.base"], progress=False)
+    with pytest.raises(ValueError, match=r"'0.base', the frozen base of the adapter layer '0'"):
+        apply_plan(model, spt_plan({"0.base": torch.rand(7, 5)}, 3, r=1))
+
+
 @pytest.mark.parametrize("structured", ["lora", "adapter"])
 def test_end_to_end_spt_finetuning(structured):
     torch.manual_seed(0)

@@ -78,6 +78,17 @@ def test_state_dict_round_trip_and_resize():
     assert again.merged
 
 
+def test_load_state_dict_checks_indices_of_the_same_count():
+    layer, _ = make_layer(seed=1)
+    state = layer.state_dict()
+    k = layer.indices.numel()
+    for bad, text in [(state["indices"].flip(0), "sorted"),
+                      (torch.arange(k) + 45 * 67 - 1, r"\[0, 3015\)")]:
+        other, _ = make_layer(seed=1)
+        with pytest.raises(ValueError, match=text):
+            other.load_state_dict({**state, "indices": bad})
+
+
 def test_compile_fullgraph():
     layer, _ = make_layer()
     x = torch.randn(12, 45)

@@ -27,7 +27,7 @@ class _LieAdapter(nn.Module):
 
     def _init_adapter(self, base: nn.Module, r: int, alpha: Optional[float],
                       first_order: bool) -> None:
-        if not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"{self._name}: r must be a positive int, got {r!r}")
         if alpha is not None and not math.isfinite(alpha):
             raise ValueError(f"{self._name}: alpha must be finite, got {alpha!r}")
@@ -55,13 +55,37 @@ class _LieAdapter(nn.Module):
         return 1 + delta if self.first_order else torch.exp(delta)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Write W_eff into the base weight; forward then costs the plain layer."""
-        if self.merged:
-            raise RuntimeError(f"{self._name}.merge: already merged")
+    def _merged_weight(self) -> Tensor:
+        """W_eff in the weight's dtype; refused where unmerge() could not divide W back out."""
         w = self.base.weight
         compute = torch.promote_types(w.dtype, torch.float64)
-        w.copy_((w.to(compute) * self._factor(compute)).to(w.dtype))
+        factor = self._factor(compute)
+        merged = (w.to(compute) * factor).to(w.dtype)
+        # A finite nonzero W whose W_eff overflows, or underflows to zero or into the subnormals
+        # (where it was normal), is lost to unmerge (the first-order form's zero factor is
+        # refused by unmerge itself).
+        tiny = torch.finfo(w.dtype).tiny
+        lost = (w.isfinite() & (w != 0)
+                & ~(merged.isfinite() & (merged.abs() >= w.abs().clamp(max=tiny))))
+        if self.first_order:
+            lost &= factor != 0
+        if bool(lost.any()):
+            raise RuntimeError(
+                f"{self._name}.merge: W ⊙ {'(1 + s·B A)' if self.first_order else 'exp(s·B A)'} "
+                f"overflows or underflows {w.dtype} at {int(lost.sum())} entries, where unmerge() "
+                "could not restore W; the layer still computes W_eff unmerged")
+        return merged
+
+    def _check_mergeable(self) -> None:
+        self._merged_weight()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write W_eff into the base weight; forward then costs the plain layer. Refused when
+        W_eff over- or underflows the weight's dtype where W is finite and nonzero."""
+        if self.merged:
+            raise RuntimeError(f"{self._name}.merge: already merged")
+        self.base.weight.copy_(self._merged_weight())
         self.merged = True
 
     @torch.no_grad()

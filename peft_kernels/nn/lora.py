@@ -37,7 +37,7 @@ class LoRALinear(WrappedLinear):
         dtype=None,
     ):
         super().__init__()
-        if not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(
@@ -101,7 +101,7 @@ class LoRALinear(WrappedLinear):
         layer.base = linear
         linear.requires_grad_(False)
         if init == "pissa":
-            U, S, Vh = _top_singular_triplets(w.unsqueeze(0), r, {})
+            U, S, Vh = _top_singular_triplets(_full_weight(layer).unsqueeze(0), r, {})
             _write_pissa(layer, U[0], S[0], Vh[0])
         return layer
 
@@ -182,20 +182,33 @@ def _top_singular_triplets(weights: Tensor, k: int, svd_options: dict) -> tuple[
 
 
 @torch.no_grad()
+def _full_weight(layer: LoRALinear) -> Tensor:
+    """The weight the layer computes with, ``W + s·B A``, in float32 or wider: what PiSSA
+    decomposes. B is zero for a fresh adapter; a trained one's update is kept in the total."""
+    w = layer.base.weight.detach()
+    full = w.to(torch.promote_types(w.dtype, torch.float32))
+    if bool(layer.lora_B.detach().ne(0).any()):
+        full = full + layer.delta_weight().to(full.dtype)
+    return full
+
+
+@torch.no_grad()
 def _write_pissa(layer: LoRALinear, U: Tensor, S: Tensor, Vh: Tensor) -> None:
-    """A = sqrt(S_r) Vh_r / sqrt(s), B = U_r sqrt(S_r) / sqrt(s), base ← W − s·B A.
+    """A = sqrt(S_r) Vh_r / sqrt(s), B = U_r sqrt(S_r) / sqrt(s), base ← W_full − s·B A with
+    W_full = W + s·B A of the adapter as it was (:func:`_full_weight`).
 
     U [out, >= r], S [>= r], Vh [>= r, in] in the compute dtype; the first r triplets are used.
     The residual subtracts the product of the A and B as stored (rounded to the layer's dtype),
-    so base + s·B A reproduces W up to one rounding of the residual.
+    so base + s·B A reproduces W_full up to one rounding of the residual.
     """
     r, s = layer.r, layer.scaling
+    full = _full_weight(layer)
     root = S[:r].clamp_min(0).sqrt() / math.sqrt(s)
     layer.lora_A.copy_(root[:, None] * Vh[:r])
     layer.lora_B.copy_(U[:, :r] * root[None, :])
     w = layer.base.weight
-    delta = layer.delta_weight()
-    w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
+    delta = layer.delta_weight().to(full.dtype)
+    w.copy_((full - delta).to(w.dtype))
 
 
 # Bytes of same-shaped base weights that pissa_init stacks into one truncated_svd call.
@@ -212,8 +225,10 @@ def pissa_init(
     """PiSSA-initialise every LoRALinear of a model (or the given LoRALinear layers) in place.
 
     Each layer keeps its own r and scaling s: ``A = sqrt(S_r) Vh_r / sqrt(s)``,
-    ``B = U_r sqrt(S_r) / sqrt(s)`` from the top-r SVD of its base weight W, and the base weight
-    becomes ``W - s·B A``, so the model's outputs are unchanged. Layers whose weights share shape,
+    ``B = U_r sqrt(S_r) / sqrt(s)`` from the top-r SVD of the weight it computes with,
+    ``W_full = W + s·B A`` (W alone while B is zero, as after ``init="kaiming"``; a trained or
+    PiSSA-initialised adapter's update stays in it), and the base weight becomes
+    ``W_full - s·B A`` for the new A and B, so the model's outputs are unchanged. Layers whose weights share shape,
     dtype and device are stacked and decomposed by batched ``pk.ops.truncated_svd`` calls of
     up to ``PISSA_SLICE_BYTES`` (1 GiB) of weights each (k = the largest r of the group; each
     layer takes its first r triplets). ``niter``, ``oversample`` and ``method`` are passed to
@@ -269,7 +284,10 @@ def pissa_init(
         per_slice = max(1, PISSA_SLICE_BYTES // (w.numel() * w.element_size()))
         for start in range(0, len(layers), per_slice):
             part = layers[start:start + per_slice]
-            stacked = torch.stack([layer.base.weight.detach() for layer in part])
+            stacked = w.new_empty((len(part), *w.shape),
+                                  dtype=torch.promote_types(w.dtype, torch.float32))
+            for i, layer in enumerate(part):
+                stacked[i] = _full_weight(layer)
             U, S, Vh = _top_singular_triplets(stacked, k, svd_options)
             del stacked
             for i, layer in enumerate(part):

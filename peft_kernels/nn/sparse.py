@@ -142,16 +142,18 @@ class SparseDeltaLinear(WrappedLinear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A checkpoint with another number of entries resizes this layer to it.
+        # The checkpoint's indices are checked whatever their number; another number of entries
+        # resizes this layer to it.
         idx = state_dict.get(prefix + "indices")
-        if isinstance(idx, Tensor) and idx.shape != self.indices.shape:
+        if isinstance(idx, Tensor):
             checked = _check_indices(idx, self.out_features, self.in_features,
                                      "SparseDeltaLinear.load_state_dict")
             if not torch.equal(checked, idx.long()):
                 raise ValueError("SparseDeltaLinear.load_state_dict: indices must be sorted")
-            self.indices = checked.to(self.indices.device)
-            self.values = nn.Parameter(self.values.new_zeros(idx.numel()),
-                                       requires_grad=self.values.requires_grad)
+            if idx.shape != self.indices.shape:
+                self.indices = checked.to(self.indices.device)
+                self.values = nn.Parameter(self.values.new_zeros(idx.numel()),
+                                           requires_grad=self.values.requires_grad)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -17,6 +17,7 @@ Four steps:
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import operator
@@ -467,6 +468,18 @@ class GGMAllocation:
         return kept
 
 
+def _check_budget(n_important: Any, budget: Any, n: int, where: str) -> tuple[int, int]:
+    """``1 <= n_important <= budget <= n`` (n nodes), as ints."""
+    n_important = _int_arg(n_important, "n_important", where, 1)
+    budget = _int_arg(budget, "budget", where, 1)
+    if n_important > n:
+        raise ValueError(f"{where}: n_important must be <= the node count {n}, got {n_important}")
+    if not n_important <= budget <= n:
+        raise ValueError(f"{where}: budget must lie in [n_important, nodes] = [{n_important}, {n}], "
+                         f"got {budget}")
+    return n_important, budget
+
+
 def ggm_allocate(samples: Tensor, budget: int, *, n_important: int = 30, lam: float = 1000.0,
                  tau: float = 20.0, g: float = 0.9, iters: int = 50, tol: float = 1e-6,
                  eps: float = 1e-3, ascent_steps: int = 3) -> GGMAllocation:
@@ -480,13 +493,7 @@ def ggm_allocate(samples: Tensor, budget: int, *, n_important: int = 30, lam: fl
     where = "ggm_allocate"
     x = _check_samples(samples, where)
     n = x.shape[1]
-    n_important = _int_arg(n_important, "n_important", where, 1)
-    budget = _int_arg(budget, "budget", where, 1)
-    if n_important > n:
-        raise ValueError(f"{where}: n_important must be <= the node count {n}, got {n_important}")
-    if not n_important <= budget <= n:
-        raise ValueError(f"{where}: budget must lie in [n_important, nodes] = [{n_important}, {n}], "
-                         f"got {budget}")
+    n_important, budget = _check_budget(n_important, budget, n, where)
     S, mu = ggm_statistics(x)
     order = torch.sort(mu, descending=True, stable=True).indices
     important = order[:n_important]
@@ -599,10 +606,15 @@ def ggm_finetune_plan(model: nn.Module, batches: Iterable[Any],
         raise TypeError(f"{where}: loss_fn must be callable as loss_fn(model, batch)")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"{where}: optimizer must be a torch.optim.Optimizer or None")
-    budget = _int_arg(budget, "budget", where, 1)
     scorer = NodeScorer(model)
-    if budget > scorer.num_nodes:
-        raise ValueError(f"{where}: budget must be <= the node count {scorer.num_nodes}, got {budget}")
+    # Every argument of the allocation is checked before the warm-up trains the model.
+    allocate_args = inspect.signature(ggm_allocate).parameters
+    unknown = sorted((set(ggm_kwargs) - set(allocate_args)) | (set(ggm_kwargs) & {"samples", "budget"}))
+    if unknown:
+        raise TypeError(f"{where}: unexpected keyword arguments {unknown} (ggm_kwargs pass to "
+                        "ggm_allocate)")
+    n_important = ggm_kwargs.get("n_important", allocate_args["n_important"].default)
+    _check_budget(n_important, budget, scorer.num_nodes, where)
     try:
         with torch.enable_grad():
             for batch in batches:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from peft_kernels.nn.convert import adapter_internals
 from peft_kernels.nn.lora import LoRALinear
 from peft_kernels.nn.sparse import SparseDeltaLinear
 
@@ -61,7 +62,17 @@ class _Progress:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """The candidate Linears: every nn.Linear except the frozen bases inside adapter layers."""
+    inside = adapter_internals(model)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name not in inside]
+
+
+def _check_not_inside_adapter(model: nn.Module, name: str, where: str, what: str) -> None:
+    inside = adapter_internals(model)
+    if name in inside:
+        raise ValueError(f"{where}: {what} {name!r}, the frozen base of the adapter layer "
+                         f"{inside[name]!r}; it is not a candidate")
 
 
 def _resolve_targets(
@@ -102,6 +113,7 @@ def _resolve_targets(
             raise TypeError(
                 f"sensitivity: targets names {name!r}, a {type(module).__name__}; only nn.Linear modules are candidates"
             )
+        _check_not_inside_adapter(model, name, "sensitivity", "targets names")
     return names
 
 
@@ -122,7 +134,8 @@ def sensitivity(
             SPT uses a few batches (its code: 16 batches of 32 samples).
         loss_fn: ``loss_fn(model, batch) -> scalar loss tensor``.
         targets: names (as in ``model.named_modules()``) of the ``nn.Linear`` modules to score.
-            Default: every ``nn.Linear`` except those named in ``exclude``.
+            Default: every ``nn.Linear`` except those named in ``exclude``. The frozen base
+            Linears inside this package's adapter layers are never candidates.
         progress: print a progress line to stderr.
         exclude: names left out of the default targets (only with ``targets=None``). Default: the
             head, defined as the *last* ``nn.Linear`` in ``model.named_modules()`` order (the
@@ -478,6 +491,7 @@ def apply_plan(
             raise ValueError(f"apply_plan: plan entry {e.name!r} is not a module of the model") from None
         if not isinstance(module, nn.Linear):
             raise TypeError(f"apply_plan: plan entry {e.name!r} is a {type(module).__name__}, expected nn.Linear")
+        _check_not_inside_adapter(model, e.name, "apply_plan", "plan entry")
         if tuple(module.weight.shape) != tuple(e.shape):
             raise ValueError(
                 f"apply_plan: plan entry {e.name!r} has shape {tuple(e.shape)} but the module's weight is "
