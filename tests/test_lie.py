@@ -326,6 +326,9 @@ def test_bad_inputs():
         pk.ops.lie_linear(torch.randn(3, 6), W, A.to("meta"), B)
     with pytest.raises(ValueError, match="padding must be an int or a pair"):
         pk.ops.lie_conv2d(torch.randn(1, 2, 5, 5), torch.randn(4, 2, 3, 1), A, B, padding="same")
+    with pytest.raises(ValueError, match=r"weight must have shape \[out, in / groups, kh, kw\]"):
+        pk.ops.lie_conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3), torch.randn(2, 12),
+                          torch.randn(6, 2))
     with pytest.raises(ValueError, match="r must be a positive int"):
         pk.nn.LieLinear.from_linear(nn.Linear(3, 2), 0)
     with pytest.raises(ValueError, match="r must be a positive int, got True"):

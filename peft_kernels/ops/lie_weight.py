@@ -235,6 +235,9 @@ def lie_conv2d(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, *,
     check_tensors("lie_conv2d", dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B),
                   dict(bias=bias))
     check_frozen("lie_conv2d", weight)
+    if weight.dim() != 4:
+        raise ValueError(f"lie_conv2d: weight must have shape [out, in / groups, kh, kw], got "
+                         f"{tuple(weight.shape)}")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"lie_conv2d: groups must be a positive int, got {groups!r}")
     return _lie_conv2d(x, weight, lora_A, lora_B, bias, _pair(stride, "stride"),
