@@ -101,8 +101,9 @@ class LoRALinear(WrappedLinear):
         layer.base = linear
         linear.requires_grad_(False)
         if init == "pissa":
-            U, S, Vh = _top_singular_triplets(_full_weight(layer).unsqueeze(0), r, {})
-            _write_pissa(layer, U[0], S[0], Vh[0])
+            full = _full_weight(layer)
+            U, S, Vh = _top_singular_triplets(full.unsqueeze(0), r, {})
+            _write_pissa(layer, full, U[0], S[0], Vh[0])
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -193,16 +194,16 @@ def _full_weight(layer: LoRALinear) -> Tensor:
 
 
 @torch.no_grad()
-def _write_pissa(layer: LoRALinear, U: Tensor, S: Tensor, Vh: Tensor) -> None:
+def _write_pissa(layer: LoRALinear, full: Tensor, U: Tensor, S: Tensor, Vh: Tensor) -> None:
     """A = sqrt(S_r) Vh_r / sqrt(s), B = U_r sqrt(S_r) / sqrt(s), base ← W_full − s·B A with
-    W_full = W + s·B A of the adapter as it was (:func:`_full_weight`).
+    ``full`` = W_full = W + s·B A of the adapter as it was (:func:`_full_weight`), the matrix
+    U, S, Vh decompose.
 
     U [out, >= r], S [>= r], Vh [>= r, in] in the compute dtype; the first r triplets are used.
     The residual subtracts the product of the A and B as stored (rounded to the layer's dtype),
     so base + s·B A reproduces W_full up to one rounding of the residual.
     """
     r, s = layer.r, layer.scaling
-    full = _full_weight(layer)
     root = S[:r].clamp_min(0).sqrt() / math.sqrt(s)
     layer.lora_A.copy_(root[:, None] * Vh[:r])
     layer.lora_B.copy_(U[:, :r] * root[None, :])
@@ -289,7 +290,6 @@ def pissa_init(
             for i, layer in enumerate(part):
                 stacked[i] = _full_weight(layer)
             U, S, Vh = _top_singular_triplets(stacked, k, svd_options)
-            del stacked
             for i, layer in enumerate(part):
-                _write_pissa(layer, U[i], S[i], Vh[i])
+                _write_pissa(layer, stacked[i], U[i], S[i], Vh[i])
     return dict(named)

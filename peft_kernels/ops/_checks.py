@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 
@@ -19,8 +20,6 @@ def check_one_device(op: str, named: dict, ref: str) -> None:
 
 def check_frozen(op: str, weight: Tensor) -> None:
     """The frozen base weight receives no gradient: refuse one that asks for it."""
-    import torch
-
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: weight must be frozen (requires_grad=False); it receives no "
                          "gradient. Call weight.requires_grad_(False) or pass weight.detach().")
@@ -37,7 +36,7 @@ def check_tensors(op: str, required: dict, optional: Optional[dict] = None) -> N
             raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
 
 
-_FLOATING = ("float32", "float64", "float16", "bfloat16")
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def check_fake_like(op: str, named: dict, ref: str) -> None:
@@ -46,7 +45,7 @@ def check_fake_like(op: str, named: dict, ref: str) -> None:
     a floating one."""
     check_one_device(op, named, ref)
     dtype = named[ref].dtype
-    if str(dtype).replace("torch.", "") not in _FLOATING:
+    if dtype not in _FLOATING:
         raise TypeError(f"{op}: {ref} must be float32, float64, float16 or bfloat16, got {dtype}")
     for name, t in named.items():
         if t is not None and t.dtype != dtype:
