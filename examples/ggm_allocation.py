@@ -21,33 +21,21 @@ import torch
 from torch import nn
 
 import peft_kernels as pk
-import toy_task
+from peft_kernels import demo
+from peft_kernels.demo import accuracy
 from peft_kernels.select import NodeScorer, apply_allocation, ggm_allocate, ggm_statistics
 
 
 def make_task(seed: int, n: int, shift: float = 0.0):
-    return toy_task.make_task(seed, n, dim=32, shift=shift, warp_scale=6.0)
+    return demo.make_task(seed, n, dim=32, shift=shift, warp_scale=6.0)
 
 
 def mlp():
-    return toy_task.mlp(dim=32, hidden=64)
+    return demo.mlp(dim=32, hidden=64)
 
 
 def train(model, x, y, steps, lr, seed=0):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (128,), generator=g)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
-@torch.no_grad()
-def accuracy(model, x, y):
-    return (model(x).argmax(-1) == y).float().mean().item()
+    demo.train(model, x, y, steps, lr, batch=128, seed=seed)
 
 
 def to_svd_nodes(model, r):

@@ -1,4 +1,4 @@
-"""python -m peft_kernels info | bench"""
+"""python -m peft_kernels info | bench | demo"""
 import sys
 
 from peft_kernels.cli import main

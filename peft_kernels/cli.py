@@ -1,5 +1,6 @@
 """Command line: `python -m peft_kernels info` prints the build; `bench` (the default) runs the
-registered benchmark cases on the devices at hand and reports speedups against the baselines."""
+registered benchmark cases on the devices at hand and reports speedups against the baselines;
+`demo` fine-tunes a small model on a synthetic task with every PEFT method of the package."""
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,14 @@ def main(argv=None) -> int:
     from peft_kernels.bench.runner import add_arguments, run
 
     add_arguments(bench)
+    from peft_kernels import demo
+
+    demo.add_arguments(sub.add_parser("demo", help="fine-tune a small model with every method"))
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info(args)
+    if args.command == "demo":
+        return demo.main(args)
     if args.command is None:
         args = parser.parse_args(["bench", *(argv or [])])
     return run(args)
