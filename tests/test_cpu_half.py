@@ -10,45 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import peft_kernels as pk
+from layer_table import LAYERS, randomise_trainable
 from tolerances import assert_close
 
 HALF_TYPES = [torch.float16, torch.bfloat16]
-
-
-def randomise_trainable(module, seed=0, std=0.3):
-    """Adapters start at zero or the identity; give them values so every gradient is non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
-
-
-def linear_input(dtype):
-    return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
-
-
-def conv_input(dtype):
-    return torch.randn(2, 8, 7, 7, generator=torch.Generator().manual_seed(1)).to(dtype)
-
-
-LAYERS = {
-    "LoRALinear": (lambda: pk.nn.LoRALinear.from_linear(nn.Linear(16, 12), 4, dropout=0.1),
-                   linear_input),
-    "LoRALinear-gelu": (lambda: pk.nn.LoRALinear.from_linear(nn.Linear(16, 12), 4,
-                                                             activation="gelu"), linear_input),
-    "SparseDeltaLinear": (lambda: pk.nn.SparseDeltaLinear.from_mask(
-        nn.Linear(16, 12), torch.rand(12, 16, generator=torch.Generator().manual_seed(2)) < 0.2),
-        linear_input),
-    "LieLinear": (lambda: pk.nn.LieLinear.from_linear(nn.Linear(16, 12), 4), linear_input),
-    "LieConv2d": (lambda: pk.nn.LieConv2d.from_conv(nn.Conv2d(8, 6, 3, padding=1), 4), conv_input),
-    "OrthogonalLinear": (lambda: pk.nn.OrthogonalLinear.from_linear(nn.Linear(16, 12), 4),
-                         linear_input),
-    "OrthogonalConv2d": (lambda: pk.nn.OrthogonalConv2d.from_conv(nn.Conv2d(8, 6, 3), 4),
-                         conv_input),
-    "SVDNodeLinear": (lambda: pk.nn.SVDNodeLinear.from_linear(nn.Linear(16, 12), r=3),
-                      linear_input),
-}
 
 
 def forward_backward(layer, x, dy):
