@@ -1,5 +1,5 @@
-"""pk.ops.truncated_svd against numpy's LAPACK SVD (float64): exact Jacobi accuracy over shapes and
-hard spectra, randomized accuracy on decaying spectra, the kernels on their own, gradients,
+"""pk.ops.truncated_svd against numpy's LAPACK SVD (float64): exact accuracy (the Jacobi kernel, and
+the "lapack" method's conventions) over shapes and hard spectra, randomized accuracy on decaying spectra, the kernels on their own, gradients,
 NaN isolation, opcheck, compile and bad inputs."""
 import contextlib
 import math
@@ -15,6 +15,7 @@ from peft_kernels.ops.truncated_svd import _resolve_method
 from tolerances import SVD_TOLERANCES
 
 DTYPES = [torch.float64, torch.float32]
+EXACT = ["jacobi", "lapack"]
 
 
 def with_spectrum(m: int, n: int, s, seed: int = 0, batch=()) -> torch.Tensor:
@@ -56,18 +57,20 @@ def check_svd(A: torch.Tensor, U, S, Vh, k: int, dtype, values=True):
 @pytest.mark.parametrize("shape,k", [((5, 5), 5), ((40, 30), 30), ((40, 30), 7), ((30, 50), 12),
                                      ((64, 64), 64), ((1, 7), 1), ((7, 1), 1), ((3, 4, 20, 12), 5),
                                      ((2, 97, 33), 33), ((33, 65), 33)])
-def test_jacobi_matches_lapack(device, dtype, shape, k):
+@pytest.mark.parametrize("method", EXACT)
+def test_exact_matches_numpy(device, dtype, shape, k, method):
     A = random_matrix(shape, seed=sum(shape) + k)
-    U, S, Vh = pk.ops.truncated_svd(A.to(device, dtype), k, method="jacobi")
+    U, S, Vh = pk.ops.truncated_svd(A.to(device, dtype), k, method=method)
     assert U.dtype == S.dtype == Vh.dtype == dtype and U.device.type == device
     check_svd(A.to(dtype), U, S, Vh, k, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_jacobi_vectors_follow_the_sign_convention(device, dtype):
+@pytest.mark.parametrize("method", EXACT)
+def test_exact_vectors_follow_the_sign_convention(device, dtype, method):
     # Well-separated spectrum: the vectors are unique up to sign, and the convention fixes it.
     A = with_spectrum(30, 20, [2.0 ** -i for i in range(20)], seed=3)
-    U, S, Vh = pk.ops.truncated_svd(A.to(device, dtype), 6, method="jacobi")
+    U, S, Vh = pk.ops.truncated_svd(A.to(device, dtype), 6, method=method)
     U_ref, _, Vh_ref = reference.truncated_svd(A, 6)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     assert (U.double().cpu() - U_ref).abs().max() <= tol
@@ -92,11 +95,12 @@ HARD = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", sorted(HARD))
 @pytest.mark.parametrize("k", [3, 9])
-def test_jacobi_hard_spectra(device, dtype, kind, k):
+@pytest.mark.parametrize("method", EXACT)
+def test_exact_hard_spectra(device, dtype, kind, k, method):
     if dtype == torch.float32 and kind in ("tiny", "huge"):
         pytest.skip("outside float32's range")
     A = HARD[kind]().to(dtype)
-    U, S, Vh = pk.ops.truncated_svd(A.to(device), k, method="jacobi")
+    U, S, Vh = pk.ops.truncated_svd(A.to(device), k, method=method)
     check_svd(A, U, S, Vh, k, dtype)
     if kind == "zero":
         assert (S == 0).all()
@@ -155,7 +159,7 @@ def test_result_does_not_depend_on_the_batch(device):
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1), (3, 5, 5), (2, 1, 4), (2, 6, 3)])
-@pytest.mark.parametrize("method", ["jacobi", "randomized"])
+@pytest.mark.parametrize("method", ["jacobi", "randomized", "lapack"])
 def test_input_is_never_modified(device, shape, method):
     A = random_matrix(shape, seed=4).to(device)
     A[0].view(-1)[0] = float("inf")  # the kernels fill a non-finite matrix with NaN
@@ -171,16 +175,27 @@ def test_nan_isolated_to_its_matrix(device):
     A[1, 2, 3] = float("nan")
     A[2, 0, 0] = float("inf")
     A = A.to(device)
-    for method in ("jacobi", "randomized"):
+    for method in ("jacobi", "randomized", "lapack"):
         U, S, Vh = pk.ops.truncated_svd(A, 4, method=method, oversample=2)
         assert torch.isnan(S[1]).all() and torch.isnan(U[1]).all() and torch.isnan(Vh[1]).all()
         assert torch.isnan(S[2]).all()
         assert torch.isfinite(S[0]).all() and torch.isfinite(U[0]).all()
 
 
-def test_empty_batch(device):
-    U, S, Vh = pk.ops.truncated_svd(torch.zeros(0, 6, 5, device=device), 2)
+@pytest.mark.parametrize("method", ["auto", "lapack"])
+def test_empty_batch(device, method):
+    U, S, Vh = pk.ops.truncated_svd(torch.zeros(0, 6, 5, device=device), 2, method=method)
     assert U.shape == (0, 6, 2) and S.shape == (0, 2) and Vh.shape == (0, 2, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lapack_half_inputs_in_float32(device, dtype):
+    A = random_matrix((2, 12, 9), seed=6).to(device, dtype)
+    U, S, Vh = pk.ops.truncated_svd(A, 4, method="lapack")
+    U32, S32, Vh32 = pk.ops.truncated_svd(A.float(), 4, method="lapack")
+    assert U.dtype == S.dtype == Vh.dtype == dtype
+    for half, full in ((U, U32), (S, S32), (Vh, Vh32)):
+        assert torch.equal(half, full.to(dtype))
 
 
 # -------------------------------------------------------------------------------- randomized
@@ -249,11 +264,33 @@ def test_randomized_in_chunks_matches_one_matrix_at_a_time(wide):
 
 
 def test_auto_rules():
-    assert _resolve_method("auto", 64, 64, 64, 10) == "jacobi"
-    assert _resolve_method("auto", 768, 768, 10, 10) == "randomized"
-    assert _resolve_method("auto", 4096, 11008, 16, 10) == "randomized"
-    assert _resolve_method("auto", 200, 100, 40, 10) == "jacobi"  # sketch of 50 of 100
-    assert _resolve_method("jacobi", 768, 768, 10, 10) == "jacobi"
+    cpu = dict(device_type="cpu", threads=2)
+    assert _resolve_method("auto", 64, 64, 64, 10, 8, **cpu) == "jacobi"
+    assert _resolve_method("auto", 768, 768, 10, 10, 8, **cpu) == "randomized"
+    assert _resolve_method("auto", 4096, 11008, 16, 10, 1, **cpu) == "randomized"
+    assert _resolve_method("auto", 200, 100, 40, 10, 8, **cpu) == "lapack"  # sketch of 50 of 100
+    assert _resolve_method("auto", 200, 100, 40, 10, 8, device_type="cuda") == "jacobi"
+    # The CPU Jacobi kernel only pays when matrices run side by side.
+    assert _resolve_method("auto", 64, 64, 64, 10, 1, **cpu) == "lapack"
+    assert _resolve_method("auto", 64, 64, 64, 10, 8, device_type="cpu", threads=1) == "lapack"
+    assert _resolve_method("auto", 64, 64, 64, 10, 1, device_type="cuda") == "jacobi"
+    assert _resolve_method("jacobi", 768, 768, 10, 10, 1, **cpu) == "jacobi"
+    assert _resolve_method("lapack", 8, 8, 2, 10, 8, **cpu) == "lapack"
+
+
+@pytest.mark.parametrize("batch,method", [((1,), "lapack"), ((4,), "jacobi")])
+def test_auto_takes_its_rule(monkeypatch, batch, method):
+    import sys
+
+    module = sys.modules["peft_kernels.ops.truncated_svd"]  # the package re-exports the function
+    if torch.get_num_threads() < 2 and method == "jacobi":
+        pytest.skip("one CPU thread: auto takes LAPACK for every exact case")
+    taken = []
+    real = module._truncated_svd
+    monkeypatch.setattr(module, "_truncated_svd", lambda A, k, niter, oversample, m: (
+        taken.append(m) or real(A, k, niter, oversample, m)))
+    pk.ops.truncated_svd(random_matrix((*batch, 20, 16)), 4)
+    assert taken == [method]
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -335,17 +372,19 @@ def test_duplicated_columns_converge(device, dtype, recwarn):
 # ------------------------------------------------------------------------------ gradients
 
 
-def _loss_parts(A, k):
-    U, S, Vh = pk.ops.truncated_svd(A, k, method="jacobi")
+def _loss_parts(A, k, method="jacobi"):
+    U, S, Vh = pk.ops.truncated_svd(A, k, method=method)
     return U, S, Vh
 
 
 @pytest.mark.parametrize("shape,k", [((6, 4), 4), ((4, 6), 4), ((2, 5, 5), 5)])
-def test_gradcheck_full_rank(shape, k):
+@pytest.mark.parametrize("method", EXACT)
+def test_gradcheck_full_rank(shape, k, method):
     # k = min(m, n): the reduced-SVD gradient is exact; spectrum well separated.
     A = with_spectrum(shape[-2], shape[-1], [4.0, 3.0, 2.0, 1.0, 0.5][:min(shape[-2:])],
                       seed=1, batch=shape[:-2]).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a: _loss_parts(a, k), (A,), atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(lambda a: _loss_parts(a, k, method), (A,), atol=1e-7,
+                                    rtol=1e-5)
 
 
 def test_gradcheck_truncated_rank_k():
@@ -399,6 +438,7 @@ def test_opcheck():
     A = random_matrix((2, 9, 7), seed=3)
     op = torch.ops.peft_kernels.truncated_svd.default
     torch.library.opcheck(op, (A, 3, 2, 4, "jacobi"))
+    torch.library.opcheck(op, (A, 3, 2, 4, "lapack"))
     torch.library.opcheck(op, (A.float(), 3, 2, 2, "randomized"),
                           test_utils=("test_schema", "test_faketensor"))
 
