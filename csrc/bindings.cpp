@@ -61,6 +61,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("need_A"), py::arg("need_B"), py::arg("need_bias"));
   m.def("expm_fwd", &peft_kernels::expm_fwd, py::arg("A"));
   m.def("expm_bwd", &peft_kernels::expm_bwd, py::arg("A"), py::arg("grad"));
+  m.def("expm_batched", &peft_kernels::expm_batched, py::arg("A"), py::arg("grad") = py::none());
   m.def("truncated_svd", &peft_kernels::truncated_svd, py::arg("A"), py::arg("k"),
         py::arg("niter"), py::arg("oversample"), py::arg("method"));
   m.def("svd_jacobi_columns", &peft_kernels::jacobi_svd_columns, py::arg("X"));

@@ -45,6 +45,8 @@ namespace expm {
 // n x n matrices the evaluation keeps; the derivative doubles it (slots kSlots..2 kSlots-1 hold
 // the derivatives of slots 0..kSlots-1).
 constexpr int kSlots = 7;
+// The slots: A and its powers, then three partial sums.
+enum Slot : int { A = 0, A2 = 1, A3 = 2, A6 = 3, S1 = 4, S2 = 5, S3 = 6 };
 constexpr int kNumDegrees = 6;
 
 HOST_DEVICE int taylor_degree(int index) {
@@ -177,13 +179,114 @@ HOST_DEVICE void product(Backend& be, Dim n, T* ws, int z, int x, int y) {
   be.sync();
 }
 
-// Evaluates exp (and with kFrechet its derivative) in the workspace `ws` of 2 * kSlots (kSlots
-// without the derivative) n x n matrices. On entry slot 0 holds A (and slot kSlots the
-// direction E), visible to every participant. Returns the slot holding exp(A) (its derivative
-// is in that slot + kSlots), NaN-filled when A is not finite.
-//
-// Dim is int64_t, or std::integral_constant<int64_t, N> for a size known at compile time (the
-// CPU kernel's small-n instantiations, fully unrolled).
+// The Taylor approximant of degree `degree` (1, 2, 4, 8, 12, 18) of Bader, Blanes and Casas (2019)
+// at the matrix in slot A; degrees 12 and 18 need A2 = A^2 and A3 = A^3 formed. Returns the slot
+// of the result. Written over `Ops` (product(z, x, y): Z = X Y; combine(z, cI, terms...):
+// Z = cI I + sum c_k X_k; derivatives alongside where the ops keep them), so the one-matrix
+// kernels and the batched ATen evaluation share it.
+template <typename T, typename Ops>
+HOST_DEVICE int taylor(Ops& ops, int degree) {
+  using Tm = Term<T>;
+  switch (degree) {
+    case 1:
+      ops.combine(A2, T(1), Tm{T(1), A}, none<T>());
+      return A2;
+    case 2:
+      ops.product(A2, A, A);
+      ops.combine(A2, T(1), Tm{T(1), A}, Tm{T(0.5), A2});
+      return A2;
+    case 4:
+      ops.product(A2, A, A);
+      ops.combine(S1, T(0.5), Tm{T(1.0 / 6.0), A}, Tm{T(1.0 / 24.0), A2});
+      ops.product(S2, A2, S1);
+      ops.combine(S2, T(1), Tm{T(1), A}, Tm{T(1), S2});
+      return S2;
+    case 8: {
+      // Coefficients of the 1-norm-minimising degree-8 scheme (closed forms in sqrt(177)).
+      constexpr double x3 = 2.0 / 3.0;
+      constexpr double a1 = 0.1083646567852278, a2 = 0.02709116419630695;
+      constexpr double u2 = 0.13549236135285073;
+      constexpr double c0 = 0.546761457970724, c1 = 0.16112557339541758;
+      constexpr double c2 = 0.014090917158378206, c4 = 0.0337927970108705;
+      ops.product(A2, A, A);
+      ops.combine(S1, T(0), Tm{T(a1), A}, Tm{T(a2), A2});
+      ops.product(S2, A2, S1);  // A4
+      ops.combine(S1, T(0), Tm{T(x3), A2}, Tm{T(1), S2});
+      ops.combine(S3, T(c0), Tm{T(c1), A}, Tm{T(c2), A2}, Tm{T(c4), S2});
+      ops.product(A3, S1, S3);  // A8
+      ops.combine(A3, T(1), Tm{T(1), A}, Tm{T(u2), A2}, Tm{T(1), A3});
+      return A3;
+    }
+    case 12: {  // A2, A3 formed above
+      // q34 = a14 A + a24 A2 + a34 A3
+      ops.combine(S1, T(0), Tm{T(-0.131810610138301840156819349464), A},
+                  Tm{T(-0.0202785554058925907933568229945), A2},
+                  Tm{T(-0.00675951846863086359778560766482), A3});
+      ops.product(S2, S1, S1);
+      // q61 = q33 + q34^2
+      ops.combine(S2, T(0.211693118299809442949323323336),
+                  Tm{T(0.158224384715726725371768893252), A},
+                  Tm{T(0.165635169436727415011171668419), A2},
+                  Tm{T(0.0107862779315792425026320640108), A3}, Tm{T(1), S2});
+      // q32 + q61
+      ops.combine(S1, T(4.6), Tm{T(0.992875103538486836140479571505), A},
+                  Tm{T(-0.132445561052799638845074997454), A2}, Tm{T(0.0017299), A3},
+                  Tm{T(1), S2});
+      ops.product(S3, S1, S2);
+      // + q31
+      ops.combine(S3, T(-0.0186023205146205532243437300433),
+                  Tm{T(-0.00500702322573317730979741843919), A},
+                  Tm{T(-0.573420122960522263905952420789), A2},
+                  Tm{T(-0.133399693943892059700768926983), A3}, Tm{T(1), S3});
+      return S3;
+    }
+    default: {  // 18; A2, A3 formed above
+      ops.product(A6, A3, A3);
+      // q31 = a11 A + a21 A2 + a31 A3
+      ops.combine(S1, T(0), Tm{T(-0.100365581030144620014614939405), A},
+                  Tm{T(-0.00802924648241156960116919515244), A2},
+                  Tm{T(-0.000892138498045729955685466128049), A3});
+      // q64 = b24 A2 + b34 A3 + b64 A6
+      ops.combine(S2, T(0), Tm{T(-0.0923364619367118592764570775143), A2},
+                  Tm{T(-0.0169364939002081717191385115723), A3},
+                  Tm{T(-0.0000140086798182036159794363205726), A6});
+      ops.product(S3, S1, S2);
+      // q91 = q31 q64 + q63
+      ops.combine(S3, T(-0.09043168323908105619714688770183495),
+                  Tm{T(-0.06764045190713819075600799003797075), A},
+                  Tm{T(0.06759613017704596460827991950789371), A2},
+                  Tm{T(0.02955525704293155274260691822422312), A3},
+                  Tm{T(-0.00001391802575160607011247399793437424), A6}, Tm{T(1), S3});
+      // q62 + q91
+      ops.combine(S1, T(-10.96763960529620625935174626753684),
+                  Tm{T(1.680158138789061971827854017248105), A},
+                  Tm{T(0.05717798464788655127028717132252481), A2},
+                  Tm{T(-0.006982101224880520842904664838015532), A3},
+                  Tm{T(0.00003349750170860705383133673406684398), A6}, Tm{T(1), S3});
+      ops.product(S2, S1, S3);
+      // q18 = q61 + (q62 + q91) q91
+      ops.combine(S2, T(0), Tm{T(0.3978497494996450761451961277102846), A},
+                  Tm{T(1.367837784604117199225237068782228), A2},
+                  Tm{T(0.4982896225253826775568588172622734), A3},
+                  Tm{T(-0.0006378981945947233092415500564919286), A6}, Tm{T(1), S2});
+      return S2;
+    }
+  }
+}
+
+// taylor's Ops over one matrix's workspace (the kernels' product and combine).
+template <bool kFrechet, typename T, typename Backend, typename Dim>
+struct WorkspaceOps {
+  Backend& be;
+  Dim n;
+  T* ws;
+  HOST_DEVICE void product(int z, int x, int y) { expm::product<kFrechet, T>(be, n, ws, z, x, y); }
+  HOST_DEVICE void combine(int z, T cI, Term<T> t0, Term<T> t1, Term<T> t2 = none<T>(),
+                           Term<T> t3 = none<T>(), Term<T> t4 = none<T>()) {
+    expm::combine<kFrechet>(be, n, ws, z, cI, t0, t1, t2, t3, t4);
+  }
+};
+
 // Multiplies slot `slot` (and its derivative) by 2^-exponent, exactly (a power of two); ldexp
 // also covers exponents beyond 1023 (a huge but finite norm).
 template <bool kFrechet, typename T, typename Backend, typename Dim>
@@ -197,11 +300,17 @@ HOST_DEVICE void scale_pow2(Backend& be, Dim n, T* ws, int slot, int exponent) {
   }
 }
 
+// Evaluates exp (and with kFrechet its derivative) in the workspace `ws` of 2 * kSlots (kSlots
+// without the derivative) n x n matrices. On entry slot 0 holds A (and slot kSlots the
+// direction E), visible to every participant. Returns the slot holding exp(A) (its derivative
+// is in that slot + kSlots), NaN-filled when A is not finite.
+//
+// Dim is int64_t, or std::integral_constant<int64_t, N> for a size known at compile time (the
+// CPU kernel's small-n instantiations, fully unrolled).
 template <bool kFrechet, typename T, typename Backend, typename Dim>
 HOST_DEVICE int exp_in_workspace(Backend& be, Dim n, T* ws) {
   const int64_t nn = static_cast<int64_t>(n) * n;
   constexpr bool kDouble = sizeof(T) == 8;
-  constexpr int A = 0, A2 = 1, A3 = 2, A6 = 3, S1 = 4, S2 = 5, S3 = 6;
   const double norm = be.norm1(ws);
   if (!(norm <= kMaxFinite)) {  // NaN or Inf in A
     for (int pass = 0; pass < (kFrechet ? 2 : 1); ++pass) {
@@ -240,99 +349,8 @@ HOST_DEVICE int exp_in_workspace(Backend& be, Dim n, T* ws) {
       }
     }
   }
-  using Tm = Term<T>;
-  int result = A2;
-  switch (taylor_degree(degree_index)) {
-    case 1:
-      combine<kFrechet>(be, n, ws, A2, T(1), Tm{T(1), A}, none<T>());
-      result = A2;
-      break;
-    case 2:
-      product<kFrechet, T>(be, n, ws, A2, A, A);
-      combine<kFrechet>(be, n, ws, A2, T(1), Tm{T(1), A}, Tm{T(0.5), A2});
-      result = A2;
-      break;
-    case 4:
-      product<kFrechet, T>(be, n, ws, A2, A, A);
-      combine<kFrechet>(be, n, ws, S1, T(0.5), Tm{T(1.0 / 6.0), A}, Tm{T(1.0 / 24.0), A2});
-      product<kFrechet, T>(be, n, ws, S2, A2, S1);
-      combine<kFrechet>(be, n, ws, S2, T(1), Tm{T(1), A}, Tm{T(1), S2});
-      result = S2;
-      break;
-    case 8: {
-      // Coefficients of the 1-norm-minimising degree-8 scheme (closed forms in sqrt(177)).
-      constexpr double x3 = 2.0 / 3.0;
-      constexpr double a1 = 0.1083646567852278, a2 = 0.02709116419630695;
-      constexpr double u2 = 0.13549236135285073;
-      constexpr double c0 = 0.546761457970724, c1 = 0.16112557339541758;
-      constexpr double c2 = 0.014090917158378206, c4 = 0.0337927970108705;
-      product<kFrechet, T>(be, n, ws, A2, A, A);
-      combine<kFrechet>(be, n, ws, S1, T(0), Tm{T(a1), A}, Tm{T(a2), A2});
-      product<kFrechet, T>(be, n, ws, S2, A2, S1);  // A4
-      combine<kFrechet>(be, n, ws, S1, T(0), Tm{T(x3), A2}, Tm{T(1), S2});
-      combine<kFrechet>(be, n, ws, S3, T(c0), Tm{T(c1), A}, Tm{T(c2), A2}, Tm{T(c4), S2});
-      product<kFrechet, T>(be, n, ws, A3, S1, S3);  // A8
-      combine<kFrechet>(be, n, ws, A3, T(1), Tm{T(1), A}, Tm{T(u2), A2}, Tm{T(1), A3});
-      result = A3;
-      break;
-    }
-    case 12: {  // A2, A3 formed above
-      // q34 = a14 A + a24 A2 + a34 A3
-      combine<kFrechet>(be, n, ws, S1, T(0), Tm{T(-0.131810610138301840156819349464), A},
-                        Tm{T(-0.0202785554058925907933568229945), A2},
-                        Tm{T(-0.00675951846863086359778560766482), A3});
-      product<kFrechet, T>(be, n, ws, S2, S1, S1);
-      // q61 = q33 + q34^2
-      combine<kFrechet>(be, n, ws, S2, T(0.211693118299809442949323323336),
-                        Tm{T(0.158224384715726725371768893252), A},
-                        Tm{T(0.165635169436727415011171668419), A2},
-                        Tm{T(0.0107862779315792425026320640108), A3}, Tm{T(1), S2});
-      // q32 + q61
-      combine<kFrechet>(be, n, ws, S1, T(4.6), Tm{T(0.992875103538486836140479571505), A},
-                        Tm{T(-0.132445561052799638845074997454), A2}, Tm{T(0.0017299), A3},
-                        Tm{T(1), S2});
-      product<kFrechet, T>(be, n, ws, S3, S1, S2);
-      // + q31
-      combine<kFrechet>(be, n, ws, S3, T(-0.0186023205146205532243437300433),
-                        Tm{T(-0.00500702322573317730979741843919), A},
-                        Tm{T(-0.573420122960522263905952420789), A2},
-                        Tm{T(-0.133399693943892059700768926983), A3}, Tm{T(1), S3});
-      result = S3;
-      break;
-    }
-    default: {  // 18; A2, A3 formed above
-      product<kFrechet, T>(be, n, ws, A6, A3, A3);
-      // q31 = a11 A + a21 A2 + a31 A3
-      combine<kFrechet>(be, n, ws, S1, T(0), Tm{T(-0.100365581030144620014614939405), A},
-                        Tm{T(-0.00802924648241156960116919515244), A2},
-                        Tm{T(-0.000892138498045729955685466128049), A3});
-      // q64 = b24 A2 + b34 A3 + b64 A6
-      combine<kFrechet>(be, n, ws, S2, T(0), Tm{T(-0.0923364619367118592764570775143), A2},
-                        Tm{T(-0.0169364939002081717191385115723), A3},
-                        Tm{T(-0.0000140086798182036159794363205726), A6});
-      product<kFrechet, T>(be, n, ws, S3, S1, S2);
-      // q91 = q31 q64 + q63
-      combine<kFrechet>(be, n, ws, S3, T(-0.09043168323908105619714688770183495),
-                        Tm{T(-0.06764045190713819075600799003797075), A},
-                        Tm{T(0.06759613017704596460827991950789371), A2},
-                        Tm{T(0.02955525704293155274260691822422312), A3},
-                        Tm{T(-0.00001391802575160607011247399793437424), A6}, Tm{T(1), S3});
-      // q62 + q91
-      combine<kFrechet>(be, n, ws, S1, T(-10.96763960529620625935174626753684),
-                        Tm{T(1.680158138789061971827854017248105), A},
-                        Tm{T(0.05717798464788655127028717132252481), A2},
-                        Tm{T(-0.006982101224880520842904664838015532), A3},
-                        Tm{T(0.00003349750170860705383133673406684398), A6}, Tm{T(1), S3});
-      product<kFrechet, T>(be, n, ws, S2, S1, S3);
-      // q18 = q61 + (q62 + q91) q91
-      combine<kFrechet>(be, n, ws, S2, T(0), Tm{T(0.3978497494996450761451961277102846), A},
-                        Tm{T(1.367837784604117199225237068782228), A2},
-                        Tm{T(0.4982896225253826775568588172622734), A3},
-                        Tm{T(-0.0006378981945947233092415500564919286), A6}, Tm{T(1), S2});
-      result = S2;
-      break;
-    }
-  }
+  WorkspaceOps<kFrechet, T, Backend, Dim> ops{be, n, ws};
+  int result = taylor<T>(ops, taylor_degree(degree_index));
   for (int i = 0; i < squarings; ++i) {
     const int other = result == S1 ? S2 : S1;
     product<kFrechet, T>(be, n, ws, other, result, result);

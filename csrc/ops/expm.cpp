@@ -1,6 +1,8 @@
 // Torch-facing entry points of the batched matrix exponential (csrc/kernels/expm.h).
 #include "ops/expm.h"
 
+#include <array>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -12,52 +14,179 @@ namespace {
 
 constexpr const char* kOp = "expm";
 
-// From this size on, one matrix's products are big enough for BLAS to beat the per-matrix
-// kernels: on the CPU (threaded inside each product) against one-matrix-per-thread loops, and on
-// CUDA against one-block-per-matrix, which measured 0.27x torch.linalg.matrix_exp's cuBLAS
-// products forward and 0.24x forward+backward at (8, 256, 256) float32 on an H200 (8 blocks on
-// 132 SMs).
+// From this size on, batched GEMMs (expm_batched) beat the per-matrix kernels: on the CPU
+// (threaded BLAS) against one-matrix-per-thread loops, and on CUDA against one block per matrix,
+// which measured 0.27x torch.linalg.matrix_exp's cuBLAS products forward and 0.24x
+// forward+backward at (8, 256, 256) float32 on an H200 (8 blocks on 132 SMs).
 constexpr int64_t kBlasMinN = 128;
 
-// CUDA, n >= kBlasMinN: ATen's batched cuBLAS evaluation, and for the backward the adjoint Frechet
-// derivative as the upper-right block of exp([[A^H, G], [0, A^H]]), evaluated in float64: in
-// float32 the block form measured 1.4e-5 to 6.7e-5 relative (1-norm) off the float64 reference at
-// n = 256, against the 1e-5 the per-matrix kernel keeps; float64 GEMMs run on the H200's FP64
-// tensor cores at about float32's SIMT rate.
-//
-// A matrix with an Inf (in A, or in G for the backward) is zeroed before it reaches ATen and its
-// result set to NaN afterwards: ATen's squaring count ceil(log2(norm / theta)) converts an
-// infinite norm to INT64_MAX on CUDA and queues that many products (the call never returns). No
-// host sync: the mask stays on the device.
-at::Tensor expm_cuda_blas(const at::Tensor& A, const at::Tensor* grad) {
-  const auto nonfinite = [](const at::Tensor& t) {
-    return t.isfinite().logical_not().any(-1).any(-1).unsqueeze(-1).unsqueeze(-1);
-  };
-  at::Tensor bad = nonfinite(A);
-  if (grad != nullptr) bad = bad.logical_or(nonfinite(*grad));
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  const at::Tensor As = A.masked_fill(bad, 0);
-  if (grad == nullptr) {
-    const at::Tensor A32 = As.scalar_type() == at::kDouble ? As : As.to(at::kFloat);
-    return at::linalg_matrix_exp(A32).masked_fill(bad, nan).to(A.scalar_type()).contiguous();
+// expm::taylor's Ops over whole batches: slot k holds [batch, n, n] (and its derivative), products
+// are batched GEMMs (cuBLAS on CUDA), combinations elementwise.
+struct BatchedOps {
+  std::array<at::Tensor, expm::kSlots> X, L;
+  bool frechet = false;
+
+  void product(int z, int x, int y) {
+    X[z] = at::bmm(X[x], X[y]);
+    if (frechet) L[z] = at::bmm(L[x], X[y]).baddbmm_(X[x], L[y]);
   }
-  const int64_t n = A.size(-1);
-  std::vector<int64_t> big(A.sizes().begin(), A.sizes().end());
-  big[big.size() - 1] = big[big.size() - 2] = 2 * n;
-  at::Tensor M = at::zeros(big, A.options().dtype(at::kDouble));
-  const at::Tensor AH = As.mT();
-  M.narrow(-2, 0, n).narrow(-1, 0, n).copy_(AH);
-  M.narrow(-2, n, n).narrow(-1, n, n).copy_(AH);
-  M.narrow(-2, 0, n).narrow(-1, n, n).copy_(grad->masked_fill(bad, 0));
-  // The upper-right block of the 2n x 2n result is a strided view: the op returns contiguous
-  // tensors (as its fake kernel says), whatever the dtype.
-  return at::linalg_matrix_exp(M)
-      .narrow(-2, 0, n)
-      .narrow(-1, n, n)
-      .masked_fill(bad, nan)
-      .to(A.scalar_type())
-      .contiguous();
+  void combine(int z, double cI, expm::Term<double> t0, expm::Term<double> t1,
+               expm::Term<double> t2 = expm::none<double>(),
+               expm::Term<double> t3 = expm::none<double>(),
+               expm::Term<double> t4 = expm::none<double>()) {
+    const expm::Term<double> terms[5] = {t0, t1, t2, t3, t4};
+    auto sum = [&](const std::array<at::Tensor, expm::kSlots>& slots) {
+      at::Tensor acc = slots[t0.slot] * t0.c;  // a new tensor: a term may read slot z itself
+      for (int k = 1; k < 5; ++k) {
+        if (terms[k].slot >= 0) acc.add_(slots[terms[k].slot], terms[k].c);
+      }
+      return acc;
+    };
+    at::Tensor x = sum(X);
+    if (cI != 0.0) x.diagonal(0, -2, -1).add_(cI);
+    at::Tensor l = frechet ? sum(L) : at::Tensor();
+    X[z] = x;
+    if (frechet) L[z] = l;
+  }
+};
+
+// ||X||_1 of every matrix of [batch, n, n], in float64; NaN anywhere in a matrix gives NaN.
+at::Tensor batched_norm1(const at::Tensor& X) {
+  return at::amax(at::sum(X.abs(), {-2}, false, at::kDouble), {-1});
 }
+
+}  // namespace
+
+// exp (or with grad the adjoint Frechet derivative L(A^T, G)) of a batch through batched
+// products, for n >= kBlasMinN on both devices. One block per matrix measured 0.27x
+// torch.linalg.matrix_exp on CUDA there (8 blocks on 132 SMs of an H200), and one matrix at a
+// time through BLAS products up to 2.8x slower than this on the CPU (32 x 128^2 float32 at
+// norm 1). ATen itself squares matrix by matrix (a host sync and s_i single-matrix products
+// each) and differentiates through the 2n x 2n block exponential.
+//
+// Every matrix gets its own squarings s_i from the same eta as the kernels (its 1-norm, or
+// max(||A^2||^(1/2), ||A^3||^(1/3)) when smaller); the batch shares its products, so it shares
+// the degree: the highest that one of its matrices needs (degrees 1..8 from the norms alone, or
+// 12 / 18). The squarings run as s_max batched products, a matrix keeping its value once its own
+// s_i are done. Host syncs: the norms, then (for degree 12 / 18) the s_i, which give the loop and
+// exact 2^-s factors. The derivative rides along every product (three GEMMs per product, the
+// kernels' scheme) in the working precision: 3/8 of the block form's flops, at n instead of 2n.
+// A matrix with a NaN or Inf in A is evaluated as zero and its result set to NaN; an Inf in G
+// propagates (the result is not finite). Half types are computed in float32.
+at::Tensor expm_batched(const at::Tensor& A_in, const c10::optional<at::Tensor>& grad_in) {
+  TORCH_CHECK_VALUE(A_in.dim() >= 2 && A_in.size(-1) == A_in.size(-2), kOp,
+                    ": A must be a batch of square matrices [..., n, n], got shape ",
+                    shape_str(A_in));
+  check_floating_input(kOp, "A", A_in);
+  if (grad_in.has_value()) {
+    check_like(kOp, "grad", *grad_in, A_in, "A");
+    TORCH_CHECK_VALUE(grad_in->sizes() == A_in.sizes(), kOp, ": grad must have A's shape ",
+                      shape_str(A_in), ", got ", shape_str(*grad_in));
+  }
+  const auto dtype = A_in.scalar_type();
+  const auto work = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const bool frechet = grad_in.has_value();
+  const int64_t n = A_in.size(-1);
+  if (A_in.numel() == 0) return at::empty_like(A_in, at::MemoryFormat::Contiguous);
+  const int64_t batch = A_in.numel() / (n * n);
+  using expm::A;
+  using expm::A2;
+  using expm::A3;
+
+  at::Tensor X0 = A_in.reshape({batch, n, n}).to(work);
+  if (frechet) X0 = X0.mT();
+  X0 = X0.contiguous();
+  const at::Tensor norm = batched_norm1(X0);
+  const at::Tensor bad = norm.isfinite().logical_not();
+  const at::Tensor bad3 = bad.view({batch, 1, 1});
+  BatchedOps ops;
+  ops.frechet = frechet;
+  ops.X[A] = X0.masked_fill(bad3, 0);
+  if (frechet) ops.L[A] = grad_in->reshape({batch, n, n}).to(work).contiguous();
+  const bool dbl = work == at::kDouble;
+  auto finish = [&](int result) {
+    const at::Tensor out = (frechet ? ops.L[result] : ops.X[result])
+                               .masked_fill(bad3, std::numeric_limits<double>::quiet_NaN());
+    return out.to(dtype).reshape(A_in.sizes()).contiguous();
+  };
+
+  // Degrees 1..8 when every matrix's norm allows one (the batch takes the highest of them).
+  const at::Tensor norm_host = norm.cpu();
+  const auto nh = norm_host.accessor<double, 1>();
+  int low = 0;
+  for (int64_t b = 0; b < batch && low >= 0; ++b) {
+    if (!(nh[b] <= expm::kMaxFinite)) continue;  // evaluated as zero, any degree does
+    const int index = expm::cheapest_degree(nh[b], expm::kNumDegrees - 2, dbl);
+    low = index < 0 ? -1 : std::max(low, index);
+  }
+  if (low >= 0) return finish(expm::taylor<double>(ops, expm::taylor_degree(low)));
+
+  ops.product(A2, A, A);
+  ops.product(A3, A, A2);
+  const at::Tensor norm2 = batched_norm1(ops.X[A2]), norm3 = batched_norm1(ops.X[A3]);
+  const at::Tensor powers_finite = norm2.isfinite().logical_and(norm3.isfinite());
+  const at::Tensor alpha = at::maximum(norm2.sqrt(), norm3.pow(1.0 / 3.0));
+  const at::Tensor norm0 = norm.masked_fill(bad, 0);
+  const at::Tensor eta = at::where(powers_finite, at::minimum(norm0, alpha), norm0);
+  // s = ceil(log2(eta / theta_18)) for eta > theta_18 (expm::squarings_for), exactly via frexp.
+  const double theta18 = expm::theta(expm::kNumDegrees - 1, dbl);
+  const auto fe = at::frexp(eta / theta18);
+  const at::Tensor s_dev =
+      at::where(eta > theta18, std::get<1>(fe) - (std::get<0>(fe) == 0.5).to(at::kInt), 0)
+          .to(at::kLong);
+  const at::Tensor host = at::stack({s_dev, powers_finite.to(at::kLong),
+                                     (eta > expm::theta(expm::kNumDegrees - 2, dbl)).to(at::kLong)})
+                              .cpu();
+  const auto h = host.accessor<int64_t, 2>();
+  int64_t s_max = 0;
+  bool reform = false, degree18 = false;
+  for (int64_t b = 0; b < batch; ++b) {
+    s_max = std::max(s_max, h[0][b]);
+    reform = reform || (h[0][b] > 0 && h[1][b] == 0);
+    degree18 = degree18 || h[2][b] != 0;
+  }
+  if (s_max > 0) {
+    // 2^-s, 2^-2s, 2^-3s per matrix, exact (ldexp; >= 2^-1026 in float64 and >= 2^-126 in
+    // float32 wherever the powers are finite, since then eta <= ||A^3||^(1/3)).
+    at::Tensor factors = at::empty({3, batch, 1, 1}, at::TensorOptions().dtype(at::kDouble));
+    auto f = factors.accessor<double, 4>();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int k = 0; k < 3; ++k) {
+        f[k][b][0][0] = std::ldexp(1.0, -static_cast<int>((k + 1) * h[0][b]));
+      }
+    }
+    factors = factors.to(X0.device(), work);
+    const int slots[3] = {A, A2, A3};
+    for (int k = 0; k < (reform ? 1 : 3); ++k) {
+      ops.X[slots[k]] = ops.X[slots[k]] * factors[k];
+      if (frechet) ops.L[slots[k]] = ops.L[slots[k]] * factors[k];
+    }
+    if (reform) {  // a power overflowed: form them again from the scaled A (as the kernels do)
+      ops.product(A2, A, A);
+      ops.product(A3, A, A2);
+    }
+  }
+  int result = expm::taylor<double>(ops, degree18 ? 18 : 12);
+  for (int64_t j = 0; j < s_max; ++j) {
+    int64_t active = 0;
+    for (int64_t b = 0; b < batch; ++b) active += h[0][b] > j;
+    at::Tensor sq = at::bmm(ops.X[result], ops.X[result]);
+    at::Tensor lsq;
+    if (frechet) {
+      lsq = at::bmm(ops.L[result], ops.X[result]).baddbmm_(ops.X[result], ops.L[result]);
+    }
+    if (active < batch) {  // a matrix whose own squarings are done keeps its value
+      const at::Tensor more = (s_dev > j).view({batch, 1, 1});
+      sq = at::where(more, sq, ops.X[result]);
+      if (frechet) lsq = at::where(more, lsq, ops.L[result]);
+    }
+    ops.X[result] = sq;
+    if (frechet) ops.L[result] = lsq;
+  }
+  return finish(result);
+}
+
+namespace {
 
 void check_square(const at::Tensor& A) {
   TORCH_CHECK_VALUE(A.dim() >= 2 && A.size(-1) == A.size(-2), kOp,
@@ -65,59 +194,16 @@ void check_square(const at::Tensor& A) {
   check_floating_input(kOp, "A", A);
 }
 
-// Products through at::mm (MKL/OpenBLAS) for large n; every matrix still gets its own degree
-// and squarings. Matrices go one after another: BLAS threads inside each product.
-template <typename T>
-struct BlasBackend {
-  int64_t n;
-  at::TensorOptions options;
-
-  int64_t first() const { return 0; }
-  int64_t stride() const { return 1; }
-  void sync() const {}
-  double norm1(const T* X) const { return expm::norm1_serial(X, n); }
-  void gemm(T* Z, const T* X, const T* Y, bool accumulate) const {
-    at::Tensor z = at::from_blob(Z, {n, n}, options);
-    const at::Tensor x = at::from_blob(const_cast<T*>(X), {n, n}, options);
-    const at::Tensor y = at::from_blob(const_cast<T*>(Y), {n, n}, options);
-    if (accumulate) {
-      z.addmm_(x, y);
-    } else {
-      at::mm_out(z, x, y);
-    }
-  }
-};
-
-template <typename T>
-void expm_cpu_blas(const at::Tensor& A, const at::Tensor* grad, at::Tensor& out) {
-  const int64_t batch = A.numel() / (A.size(-1) * A.size(-1)), n = A.size(-1), nn = n * n;
-  const bool frechet = grad != nullptr;
-  BlasBackend<T> be{n, A.options()};
-  std::vector<T> workspace(static_cast<size_t>((frechet ? 2 : 1) * expm::kSlots * nn));
-  T* ws = workspace.data();
-  T* o = out.mutable_data_ptr<T>();
-  for (int64_t b = 0; b < batch; ++b) {
-    at::Tensor slot0 = at::from_blob(ws, {n, n}, A.options());
-    if (!frechet) {
-      slot0.copy_(A.view({batch, n, n})[b]);
-      const int slot = expm::exp_in_workspace<false, T>(be, n, ws);
-      std::copy(ws + slot * nn, ws + (slot + 1) * nn, o + b * nn);
-    } else {
-      slot0.copy_(A.view({batch, n, n})[b].t());
-      std::copy(grad->const_data_ptr<T>() + b * nn, grad->const_data_ptr<T>() + (b + 1) * nn,
-                ws + expm::kSlots * nn);
-      const int slot = expm::exp_in_workspace<true, T>(be, n, ws);
-      std::copy(ws + (expm::kSlots + slot) * nn, ws + (expm::kSlots + slot + 1) * nn, o + b * nn);
-    }
-  }
-}
-
 at::Tensor run(const at::Tensor& A_in, const at::Tensor* grad_in) {
+  const int64_t n = A_in.size(-1);
+  if (n >= kBlasMinN) {
+    return expm_batched(A_in, grad_in != nullptr ? c10::optional<at::Tensor>(*grad_in)
+                                                 : c10::nullopt);
+  }
   const at::Tensor A = A_in.contiguous();
   at::Tensor grad;
   if (grad_in != nullptr) grad = grad_in->contiguous();
   at::Tensor out = at::empty_like(A, at::MemoryFormat::Contiguous);
-  const int64_t n = A.size(-1);
   if (out.numel() == 0) return out;
   ExpmParams p;
   p.dtype = kernel_dtype(A.scalar_type());
@@ -126,21 +212,12 @@ at::Tensor run(const at::Tensor& A_in, const at::Tensor* grad_in) {
   p.a = A.const_data_ptr();
   p.direction = grad_in != nullptr ? grad.const_data_ptr() : nullptr;
   p.out = out.mutable_data_ptr();
-  if (A.is_cuda() && n >= kBlasMinN) {
-    out = expm_cuda_blas(A, grad_in != nullptr ? &grad : nullptr);
-  } else if (A.is_cuda()) {
+  if (A.is_cuda()) {
     PK_CUDA_LAUNCH(A, with_cuda_workspace(A, [&] { return expm_cuda_workspace_bytes(p); },
                                           [&](void* ws, cudaStream_t st) {
                                             p.workspace = ws;
                                             expm_cuda(p, st);
                                           }));
-  } else if (n >= kBlasMinN) {
-    const at::Tensor* g = grad_in != nullptr ? &grad : nullptr;
-    if (A.scalar_type() == at::kDouble) {
-      expm_cpu_blas<double>(A, g, out);
-    } else {
-      expm_cpu_blas<float>(A, g, out);
-    }
   } else {
     expm_cpu(p);
   }

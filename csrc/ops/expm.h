@@ -1,5 +1,6 @@
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 namespace peft_kernels {
 
@@ -8,5 +9,9 @@ at::Tensor expm_fwd(const at::Tensor& A);
 
 // Gradient of sum(G * exp(A)) with respect to A: the adjoint Frechet derivative L(A^T, G).
 at::Tensor expm_bwd(const at::Tensor& A, const at::Tensor& grad);
+
+// The batched-GEMM evaluation (exp, or with grad the gradient L(A^T, grad)) that CUDA takes for
+// large n; on any device, so that it is tested on the CPU too.
+at::Tensor expm_batched(const at::Tensor& A, const c10::optional<at::Tensor>& grad);
 
 }  // namespace peft_kernels
