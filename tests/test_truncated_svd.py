@@ -454,6 +454,22 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled(A), rank3(A))
 
 
+@pytest.mark.parametrize("batch", [(), (4,)])
+def test_compile_fullgraph_auto_on_cpu(batch):
+    # "auto" on the CPU reads torch.get_num_threads() for an exact case: that int must not
+    # break the graph (it did: "Unsupported torch.* op returned non-Tensor").
+    A = random_matrix((*batch, 9, 7), seed=5).requires_grad_()
+
+    def f(a):
+        U, S, Vh = pk.ops.truncated_svd(a, 3)
+        return ((U * S.unsqueeze(-2)) @ Vh).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (g_c,) = torch.autograd.grad(compiled(A), A)
+    (g_e,) = torch.autograd.grad(f(A), A)
+    torch.testing.assert_close(g_c, g_e)
+
+
 # -------------------------------------------------------------------------------- bad input
 
 

@@ -146,20 +146,19 @@ at::Tensor expm_batched(const at::Tensor& A_in, const c10::optional<at::Tensor>&
     degree18 = degree18 || h[2][b] != 0;
   }
   if (s_max > 0) {
-    // 2^-s, 2^-2s, 2^-3s per matrix, exact (ldexp; >= 2^-1026 in float64 and >= 2^-126 in
-    // float32 wherever the powers are finite, since then eta <= ||A^3||^(1/3)).
-    at::Tensor factors = at::empty({3, batch, 1, 1}, at::TensorOptions().dtype(at::kDouble));
-    auto f = factors.accessor<double, 4>();
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int k = 0; k < 3; ++k) {
-        f[k][b][0][0] = std::ldexp(1.0, -static_cast<int>((k + 1) * h[0][b]));
-      }
-    }
-    factors = factors.to(X0.device(), work);
+    // (2^-s A)^k = 2^-ks A^k, by k multiplications with f = 2^-s (exact: the 1-norm of a finite
+    // matrix bounds s to where the working type still holds 2^-s, subnormals included). One
+    // product by 2^-ks could underflow where the scaled power does not.
+    at::Tensor f = at::empty({batch, 1, 1}, at::TensorOptions().dtype(at::kDouble));
+    auto fa = f.accessor<double, 3>();
+    for (int64_t b = 0; b < batch; ++b) fa[b][0][0] = std::ldexp(1.0, -static_cast<int>(h[0][b]));
+    f = f.to(X0.device(), work);
     const int slots[3] = {A, A2, A3};
     for (int k = 0; k < (reform ? 1 : 3); ++k) {
-      ops.X[slots[k]] = ops.X[slots[k]] * factors[k];
-      if (frechet) ops.L[slots[k]] = ops.L[slots[k]] * factors[k];
+      for (int times = 0; times <= k; ++times) {
+        ops.X[slots[k]] = ops.X[slots[k]] * f;
+        if (frechet) ops.L[slots[k]] = ops.L[slots[k]] * f;
+      }
     }
     if (reform) {  // a power overflowed: form them again from the scaled A (as the kernels do)
       ops.product(A2, A, A);

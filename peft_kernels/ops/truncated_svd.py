@@ -100,6 +100,14 @@ def _backward(ctx, gU: Optional[Tensor], gS: Optional[Tensor], gVh: Optional[Ten
 _truncated_svd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# torch.compile cannot trace torch.get_num_threads() (an int from a torch.* call: a graph break,
+# an error under fullgraph=True); as a constant it is read while tracing (Dynamo's global-state
+# guard includes the thread count, so a change re-traces).
+@torch.compiler.assume_constant_result
+def _num_threads() -> int:
+    return torch.get_num_threads()
+
+
 def _resolve_method(method: str, m: int, n: int, k: int, oversample: int, batch: int = 1,
                     device_type: str = "cpu", threads: Optional[int] = None) -> str:
     if method != "auto":
@@ -113,7 +121,7 @@ def _resolve_method(method: str, m: int, n: int, k: int, oversample: int, batch:
     # does not; one matrix on one core, LAPACK is faster (float32 / float64, 2-core Zen 5, one
     # thread: 1.28 / 1.43x LAPACK's time at 8 x 64^2, 1.56 / 1.65x at 1 x 64^2, 1.72 / 2.13x at
     # 1 x 96^2; with two threads 0.72 / 0.78x at 8 x 64^2 and 0.99 / 1.02x at 8 x 80^2).
-    threads = torch.get_num_threads() if threads is None else threads
+    threads = _num_threads() if threads is None else threads
     return "jacobi" if p <= AUTO_JACOBI_MAX_DIM and min(batch, threads) >= 2 else "lapack"
 
 
