@@ -49,9 +49,12 @@ _expm_fwd.register_autograd(_backward, setup_context=_setup_context)
 def expm(A: Tensor) -> Tensor:
     """``exp`` of every square matrix of ``A [..., n, n]``; a drop-in for ``torch.linalg.matrix_exp``.
 
-    Each matrix gets its own Taylor degree (1 … 18) and number of squarings from its own 1-norm,
-    inside the kernel (no host synchronisation). The gradient is the adjoint Fréchet derivative
-    ``L(Aᵀ, G)``, evaluated along the same scheme at about 3× the forward's products.
+    For n < 128 each matrix gets its own Taylor degree (1 … 18) and number of squarings from its
+    own 1-norm, inside the kernel (no host synchronisation). From n = 128 on, the batch goes
+    through batched GEMMs: its matrices share the degree (the highest one of them needs) and each
+    keeps its own squarings (two small host synchronisations per call). The gradient is the
+    adjoint Fréchet derivative ``L(Aᵀ, G)``, evaluated along the same scheme at about 3× the
+    forward's products.
     float32, float64, float16 and bfloat16 (computed in float32).
     A matrix with a NaN or Inf entry gives NaN for that matrix only.
     """
