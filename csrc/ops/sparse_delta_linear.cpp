@@ -22,8 +22,11 @@ constexpr const char* kOp = "sparse_delta_linear";
 // kernels otherwise (small N: no out x in memory at all). Measured on CPU float32 at 1024 x 1024,
 // N = 4096: the sparse product adds 4-7 ms to a 64-70 ms GEMM at 0.1-1%, the temporary ~1 ms.
 constexpr double kDenseMatmulDensity = 0.05;
-// dvalues: the SDDMM beats the dense dy^T x GEMM + gather below ~7% on CPU (1024 x 1024,
-// N = 4096: 10x at 0.1%, 6x at 1%, 1.7x at 5%, 0.5x at 10%). On CUDA the tile kernel stages
+// dvalues: the SDDMM beats the dense dy^T x GEMM + gather below ~7% on CPU, float32, at every
+// shape measured (dense time / SDDMM time at 5%, 7%, 10%, 15%: 1024 x 1024, N = 4096: 3.8, 1.3,
+// 0.96, 0.68; N = 512: 1.8, 0.98, 0.18; 768 x 768, N = 12608: 4.2, 3.2, 2.2, 1.1; 1024 x 4096,
+// N = 4096: 2.3, 1.7, 1.3, 0.8). Wider shapes would pay up to ~15%; one threshold keeps the
+// choice simple and never slower. On CUDA the tile kernel stages
 // G + W features per token for each G x W tile of Delta, and the tiles shrink as the density
 // grows: at 4096 x 4096, N = 8192, bfloat16 that is ~0.8 GB of shared-memory staging at 1% and
 // ~1.7 GB at 5%, against a ~0.4 ms tensor-core GEMM on an H100-class GPU. 2% is that traffic
