@@ -52,7 +52,9 @@ def expm(A: Tensor) -> Tensor:
     For n < 128 each matrix gets its own Taylor degree (1 … 18) and number of squarings from its
     own 1-norm, inside the kernel (no host synchronisation). From n = 128 on, the batch goes
     through batched GEMMs: its matrices share the degree (the highest one of them needs) and each
-    keeps its own squarings (two small host synchronisations per call). The gradient is the
+    keeps its own squarings (two small host synchronisations per call; on CUDA its float32
+    products follow ``torch.backends.cuda.matmul.allow_tf32``, as torch.linalg.matrix_exp's
+    do: with TF32 on, expect ~1e-3 relative error there). The gradient is the
     adjoint Fréchet derivative ``L(Aᵀ, G)``, evaluated along the same scheme at about 3× the
     forward's products.
     float32, float64, float16 and bfloat16 (computed in float32).
