@@ -133,14 +133,32 @@ def test_batched_evaluation_alone(kind, norm, dtype):
     assert rel1(L[0].double().numpy(), want) <= expm_rtol(dtype, norm)
 
 
-def test_batched_evaluation_squarings_are_per_matrix():
+@pytest.mark.parametrize("dtype,huge", [(torch.float64, 1e300), (torch.float32, 1e30)])
+def test_batched_evaluation_squarings_are_per_matrix(dtype, huge):
     """A huge matrix (A^2 overflows: the powers are formed again from the scaled A; ~1000
-    squarings, whose rounding leaves nothing of the rotation) beside an ordinary one in the
-    batched path: the call ends, and the ordinary matrix keeps its own squarings and accuracy."""
-    A = torch.tensor(np.stack([make_matrix("skew", 128, 1e300, seed=6),
-                               make_matrix("random", 128, 10.0, seed=7)]))
+    squarings in float64, ~100 in float32) beside an ordinary one in the batched path: the call
+    ends, and both matrices keep their own squarings and accuracy, forward and Frechet (skipping
+    the re-formed powers gives NaN for the huge one). That one is diagonal with its largest d_i
+    at 0: exp and derivative in closed form (exp(d_i); G_ij times the divided difference of exp
+    at d_i, d_j), and exp is 1 there and underflows elsewhere, so the squarings add no rounding
+    (a rotation's would grow 2^s-fold and leave nothing to compare)."""
+    A = torch.tensor(np.stack([make_matrix("diagonal", 128, huge, seed=6),
+                               make_matrix("random", 128, 10.0, seed=7)]), dtype=dtype)
+    G = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    G = G.to(dtype)
     E = pk.ops.expm(A)
-    assert rel1(E[1].numpy(), reference_expm(A[1].numpy())) <= expm_rtol(torch.float64, 10.0)
+    L = torch.ops.peft_kernels.expm_bwd(A, G)
+    d = np.diag(A[0].double().numpy())
+    di, dj = d[:, None], d[None, :]
+    with np.errstate(invalid="ignore"):  # di == dj takes the first branch
+        divided = np.where(di == dj, np.exp(di), (np.exp(di) - np.exp(dj)) / (di - dj))
+    tol = expm_rtol(dtype, 10.0)
+    assert rel1(E[0].double().numpy(), np.diag(np.exp(d))) <= tol
+    assert rel1(L[0].double().numpy(), G[0].double().numpy() * divided) <= tol
+    seen = A[1].double().numpy()
+    assert rel1(E[1].double().numpy(), reference_expm(seen)) <= tol
+    want = sl.expm_frechet(seen.T, G[1].double().numpy(), compute_expm=False)
+    assert rel1(L[1].double().numpy(), want) <= tol
 
 
 def test_gradient_matches_torch_matrix_exp():
@@ -228,9 +246,10 @@ assert dA.is_contiguous()
 @pytest.mark.parametrize("n", [3, 130])
 def test_inf_in_a_or_in_the_gradient_gives_nan_and_terminates(device, n):
     """An Inf in A gives NaN for that matrix, an Inf in the backward's direction a non-finite
-    gradient, and neither may become a squaring count (torch.linalg.matrix_exp, which the CUDA
-    path uses from n = 128 on, queues INT64_MAX squarings for an infinite norm): the check runs
-    in a child process with a time limit."""
+    gradient, and neither may become a squaring count (ceil(log2(norm / theta)) of an infinite
+    norm: torch.linalg.matrix_exp on CUDA queues INT64_MAX squarings; n = 130 takes the batched
+    path, whose squaring loop runs on the host): the check runs in a child process with a time
+    limit."""
     code = _INF_CHECK.format(n=n, device=device)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
                    env=dict(os.environ, PYTHONPATH=os.pathsep.join(

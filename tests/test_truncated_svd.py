@@ -1,6 +1,6 @@
 """pk.ops.truncated_svd against numpy's LAPACK SVD (float64): exact accuracy (the Jacobi kernel, and
-the "lapack" method's conventions) over shapes and hard spectra, randomized accuracy on decaying spectra, the kernels on their own, gradients,
-NaN isolation, opcheck, compile and bad inputs."""
+the "lapack" method's conventions) over shapes and hard spectra, randomized accuracy on decaying
+spectra, the kernels on their own, gradients, NaN isolation, opcheck, compile and bad inputs."""
 import contextlib
 import math
 

@@ -9,8 +9,10 @@
 // The gradient of exp at A for an output gradient G is L(A^T, G) (real matrices).
 //
 // The algorithm is written once, over a backend that supplies n x n products, a 1-norm and a
-// barrier: the CPU kernels (one matrix per thread, or BLAS products for large n) and the CUDA
-// kernel (one thread block per matrix, workspace in shared or global memory) instantiate it.
+// barrier: the CPU kernel (one matrix per thread) and the CUDA kernel (one thread block per
+// matrix, workspace in shared or global memory) instantiate it. The Taylor schemes (taylor below)
+// are also shared with the batched-GEMM evaluation that both devices take for n >= 128
+// (expm_batched, csrc/ops/expm.cpp).
 // No torch headers: nvcc compiles this on machines without a CUDA torch.
 #pragma once
 #include <math.h>
@@ -33,7 +35,8 @@ struct ExpmParams {
   // `direction`.
 };
 
-// CPU: float32 / float64, one matrix per thread (ops/expm.cpp takes large n through BLAS).
+// CPU: float32 / float64, one matrix per thread (ops/expm.cpp takes n >= 128 through batched
+// GEMMs instead).
 void expm_cpu(const ExpmParams& p);
 // CUDA: float32 / float64 / float16 / bfloat16 (half types computed in float32).
 void expm_cuda(const ExpmParams& p, cudaStream_t stream);

@@ -1,10 +1,10 @@
 // Torch-facing entry points of the batched matrix exponential (csrc/kernels/expm.h).
 #include "ops/expm.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "kernels/expm.h"
 #include "ops/common.h"

@@ -1,4 +1,5 @@
-"""Batched matrix exponential with a per-matrix Taylor degree and a fused Fréchet backward."""
+"""Batched matrix exponential with per-matrix squarings (and, for n < 128, a per-matrix Taylor
+degree) and a fused Fréchet backward."""
 from __future__ import annotations
 
 import torch
