@@ -98,6 +98,27 @@ HOST_DEVICE int squarings_for(double eta, bool double_precision) {
   return fraction == 0.5 ? exponent - 1 : exponent;
 }
 
+// Degree 12 or 18 and the squarings for a matrix that no degree up to 8 covers, from the
+// 1-norms of A, A^2 and A^3: alpha = max(||A^2||^(1/2), ||A^3||^(1/3)) <= ||A|| bounds the
+// truncation error instead of ||A|| (Al-Mohy and Higham 2009, Thm 4.2), so a non-normal matrix
+// needs far fewer squarings (a nilpotent one none) and rounds less. Shared by the kernels and
+// the batched evaluation so both take the same s for the same norms.
+struct HighDegreeScaling {
+  int degree_index;
+  int squarings;
+  bool powers_finite;  // A^2 and A^3 did not overflow: they can be scaled instead of re-formed
+};
+HOST_DEVICE HighDegreeScaling high_degree_scaling(double norm, double norm2, double norm3,
+                                                  bool double_precision) {
+  // Tested on the norms themselves: fmax would drop a NaN (an Inf - Inf inside A^3).
+  const bool powers_finite = norm2 <= kMaxFinite && norm3 <= kMaxFinite;
+  const double alpha = fmax(sqrt(norm2), cbrt(norm3));
+  const double eta = powers_finite ? fmin(norm, alpha) : norm;
+  if (eta <= theta(kNumDegrees - 2, double_precision)) return {kNumDegrees - 2, 0, powers_finite};
+  const bool scale = eta > theta(kNumDegrees - 1, double_precision);
+  return {kNumDegrees - 1, scale ? squarings_for(eta, double_precision) : 0, powers_finite};
+}
+
 // ||X||_1 (largest column sum) of a row-major n x n matrix, for one serial participant; NaN
 // anywhere gives NaN.
 template <typename T>
@@ -323,22 +344,18 @@ HOST_DEVICE int exp_in_workspace(Backend& be, Dim n, T* ws) {
     be.sync();
     return A2;
   }
-  // Degrees 1..8 when the norm alone allows them. Otherwise A^2 and A^3 (which degrees 12 and
-  // 18 need anyway) give alpha = max(||A^2||^(1/2), ||A^3||^(1/3)) <= ||A||, and the truncation
-  // error is bounded through alpha instead of ||A|| (Al-Mohy and Higham 2009, Thm 4.2): far
-  // fewer squarings for non-normal matrices (a nilpotent one needs none), so less rounding.
+  // Degrees 1..8 when the norm alone allows them; otherwise A^2 and A^3, which degrees 12 and
+  // 18 need anyway, refine the bound (high_degree_scaling).
   int degree_index = cheapest_degree(norm, kNumDegrees - 2, kDouble);
   int squarings = 0;
   if (degree_index < 0) {
     product<kFrechet, T>(be, n, ws, A2, A, A);
     product<kFrechet, T>(be, n, ws, A3, A, A2);
     const double norm2 = be.norm1(ws + A2 * nn), norm3 = be.norm1(ws + A3 * nn);
-    // Tested on the norms themselves: fmax would drop a NaN (an Inf - Inf inside A^3).
-    const bool powers_finite = norm2 <= kMaxFinite && norm3 <= kMaxFinite;
-    const double alpha = fmax(sqrt(norm2), cbrt(norm3));
-    const double eta = powers_finite ? fmin(norm, alpha) : norm;
-    degree_index = eta <= theta(kNumDegrees - 2, kDouble) ? kNumDegrees - 2 : kNumDegrees - 1;
-    squarings = degree_index == kNumDegrees - 1 ? squarings_for(eta, kDouble) : 0;
+    const HighDegreeScaling scaling = high_degree_scaling(norm, norm2, norm3, kDouble);
+    const bool powers_finite = scaling.powers_finite;
+    degree_index = scaling.degree_index;
+    squarings = scaling.squarings;
     if (squarings > 0) {
       scale_pow2<kFrechet>(be, n, ws, A, squarings);
       if (powers_finite) {  // (2^-s A)^k = 2^-ks A^k exactly

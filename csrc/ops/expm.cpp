@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "kernels/expm.h"
 #include "ops/common.h"
@@ -123,27 +124,21 @@ at::Tensor expm_batched(const at::Tensor& A_in, const c10::optional<at::Tensor>&
 
   ops.product(A2, A, A);
   ops.product(A3, A, A2);
-  const at::Tensor norm2 = batched_norm1(ops.X[A2]), norm3 = batched_norm1(ops.X[A3]);
-  const at::Tensor powers_finite = norm2.isfinite().logical_and(norm3.isfinite());
-  const at::Tensor alpha = at::maximum(norm2.sqrt(), norm3.pow(1.0 / 3.0));
-  const at::Tensor norm0 = norm.masked_fill(bad, 0);
-  const at::Tensor eta = at::where(powers_finite, at::minimum(norm0, alpha), norm0);
-  // s = ceil(log2(eta / theta_18)) for eta > theta_18 (expm::squarings_for), exactly via frexp.
-  const double theta18 = expm::theta(expm::kNumDegrees - 1, dbl);
-  const auto fe = at::frexp(eta / theta18);
-  const at::Tensor s_dev =
-      at::where(eta > theta18, std::get<1>(fe) - (std::get<0>(fe) == 0.5).to(at::kInt), 0)
-          .to(at::kLong);
-  const at::Tensor host = at::stack({s_dev, powers_finite.to(at::kLong),
-                                     (eta > expm::theta(expm::kNumDegrees - 2, dbl)).to(at::kLong)})
-                              .cpu();
-  const auto h = host.accessor<int64_t, 2>();
+  // Each matrix's degree and squarings by the kernels' own rule; a non-finite matrix was zeroed.
+  const at::Tensor norms =
+      at::stack({norm.masked_fill(bad, 0), batched_norm1(ops.X[A2]), batched_norm1(ops.X[A3])})
+          .cpu();
+  const auto nm = norms.accessor<double, 2>();
+  std::vector<int64_t> squarings(batch);
   int64_t s_max = 0;
   bool reform = false, degree18 = false;
   for (int64_t b = 0; b < batch; ++b) {
-    s_max = std::max(s_max, h[0][b]);
-    reform = reform || (h[0][b] > 0 && h[1][b] == 0);
-    degree18 = degree18 || h[2][b] != 0;
+    const expm::HighDegreeScaling scaling =
+        expm::high_degree_scaling(nm[0][b], nm[1][b], nm[2][b], dbl);
+    squarings[b] = scaling.squarings;
+    s_max = std::max<int64_t>(s_max, scaling.squarings);
+    reform = reform || (scaling.squarings > 0 && !scaling.powers_finite);
+    degree18 = degree18 || scaling.degree_index == expm::kNumDegrees - 1;
   }
   if (s_max > 0) {
     // (2^-s A)^k = 2^-ks A^k, by k multiplications with f = 2^-s (exact: the 1-norm of a finite
@@ -151,7 +146,9 @@ at::Tensor expm_batched(const at::Tensor& A_in, const c10::optional<at::Tensor>&
     // product by 2^-ks could underflow where the scaled power does not.
     at::Tensor f = at::empty({batch, 1, 1}, at::TensorOptions().dtype(at::kDouble));
     auto fa = f.accessor<double, 3>();
-    for (int64_t b = 0; b < batch; ++b) fa[b][0][0] = std::ldexp(1.0, -static_cast<int>(h[0][b]));
+    for (int64_t b = 0; b < batch; ++b) {
+      fa[b][0][0] = std::ldexp(1.0, -static_cast<int>(squarings[b]));
+    }
     f = f.to(X0.device(), work);
     const int slots[3] = {A, A2, A3};
     for (int k = 0; k < (reform ? 1 : 3); ++k) {
@@ -166,16 +163,18 @@ at::Tensor expm_batched(const at::Tensor& A_in, const c10::optional<at::Tensor>&
     }
   }
   int result = expm::taylor<double>(ops, degree18 ? 18 : 12);
+  const at::Tensor squarings_dev =
+      s_max > 0 ? at::tensor(squarings).to(X0.device()) : at::Tensor();
   for (int64_t j = 0; j < s_max; ++j) {
     int64_t active = 0;
-    for (int64_t b = 0; b < batch; ++b) active += h[0][b] > j;
+    for (int64_t b = 0; b < batch; ++b) active += squarings[b] > j;
     at::Tensor sq = at::bmm(ops.X[result], ops.X[result]);
     at::Tensor lsq;
     if (frechet) {
       lsq = at::bmm(ops.L[result], ops.X[result]).baddbmm_(ops.X[result], ops.L[result]);
     }
     if (active < batch) {  // a matrix whose own squarings are done keeps its value
-      const at::Tensor more = (s_dev > j).view({batch, 1, 1});
+      const at::Tensor more = (squarings_dev > j).view({batch, 1, 1});
       sq = at::where(more, sq, ops.X[result]);
       if (frechet) lsq = at::where(more, lsq, ops.L[result]);
     }
