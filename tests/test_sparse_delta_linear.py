@@ -170,20 +170,26 @@ def test_indices_revalidated_after_in_place_change(device):
 
 
 @pytest.mark.parametrize("lead", [(4,), (300,)])  # the sparse and the dense path
-def test_write_behind_autograd_back(device, lead):
+@pytest.mark.parametrize("position, value", [(1, 10**12), (0, 10**12), (-1, -7)])
+def test_write_behind_autograd_back(device, lead, position, value):
     # .data writes keep the version counter: the CPU checks every call anyway; CUDA's validated
-    # tensors are clamped into the matrix, so the call stays inside W, x and dy.
-    x, w, _, idx, v = make_inputs(lead, 50, 40, 2, torch.float32, device)
+    # tensors are clamped into the matrix and made non-decreasing, so the call stays inside W, x
+    # and dy (an entry written past its successor, at (0, ...), left the sorted order that the
+    # kernels' shared-memory windows rely on, with columns thousands apart at in = 3000).
+    x, w, _, idx, v = make_inputs(lead, 3000, 60, 40, torch.float32, device)
     x.requires_grad_(True)
     v.requires_grad_(True)
     pk.ops.sparse_delta_linear(x, w, idx, v)
-    idx.data[1] = 10**12
+    idx.data[position] = value
     if device == "cpu":
-        with pytest.raises(ValueError, match=r"\[0, 2000\)"):
+        with pytest.raises(ValueError, match=r"\[0, 180000\)"):
             pk.ops.sparse_delta_linear(x, w, idx, v)
     else:
-        pk.ops.sparse_delta_linear(x, w, idx, v).sum().backward()
+        y = pk.ops.sparse_delta_linear(x, w, idx, v)
+        y.sum().backward()
         torch.cuda.synchronize()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+        assert torch.isfinite(v.grad).all()
 
 
 def test_bad_inputs():

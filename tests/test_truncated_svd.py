@@ -269,7 +269,8 @@ def test_auto_rules():
     assert _resolve_method("auto", 768, 768, 10, 10, 8, **cpu) == "randomized"
     assert _resolve_method("auto", 4096, 11008, 16, 10, 1, **cpu) == "randomized"
     assert _resolve_method("auto", 200, 100, 40, 10, 8, **cpu) == "lapack"  # sketch of 50 of 100
-    assert _resolve_method("auto", 200, 100, 40, 10, 8, device_type="cuda") == "jacobi"
+    assert _resolve_method("auto", 200, 100, 40, 10, 8, device_type="cuda") == "lapack"
+    assert _resolve_method("auto", 200, 64, 40, 10, 8, device_type="cuda") == "jacobi"
     # The CPU Jacobi kernel only pays when matrices run side by side.
     assert _resolve_method("auto", 64, 64, 64, 10, 1, **cpu) == "lapack"
     assert _resolve_method("auto", 64, 64, 64, 10, 8, device_type="cpu", threads=1) == "lapack"

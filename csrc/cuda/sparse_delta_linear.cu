@@ -682,7 +682,9 @@ void sd_tiles(const SparseDeltaGradParams& p, int64_t elem_size, int64_t acc_siz
     // staged rows, meta, row_lo and pref per G row: at most kRowBytes + 12 bytes per feature.
     const int64_t fixed = int64_t{cap} * 4 + 64;
     features = (smem_limit - fixed) / (kRowBytes + 12);
-    if (features >= 64 || cap == kSdMinCap) break;
+    // A round's cap sums reuse the staged rows' area (sd_layout), which must hold them too.
+    const bool sums_fit = int64_t{cap} * acc_size + fixed + features * 12 <= smem_limit;
+    if ((features >= 64 && sums_fit) || cap == kSdMinCap) break;
     cap /= 2;
   }
   features = min64(max64(features, 16), 2 * int64_t{kSdMaxFeatures});

@@ -91,7 +91,9 @@ Shapes check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 // same TensorImpl (the weak reference keeps its memory from being reused by another tensor), the
 // same version counter (bumped by every in-place write), the same weight shape. A write that
 // autograd does not see (through .data, or DLPack) keeps the version, so make_pattern also clamps
-// cached indices into the matrix: such a write can give wrong values, never a read outside it.
+// cached indices into the matrix and makes them non-decreasing (a running maximum; duplicates
+// are harmless to every kernel, and an unsorted column would take the CUDA kernels' windows
+// outside their shared-memory tiles): such a write can give wrong values, never a read outside.
 class ValidatedIndices {
  public:
   bool contains(const at::Tensor& indices, int64_t out, int64_t in) {
@@ -138,7 +140,7 @@ Pattern make_pattern(const at::Tensor& indices, const Shapes& s, bool with_rows,
   const auto long_opts = p.flat.options();
   const bool cached = indices.is_cuda() && validated_indices().contains(indices, s.out, s.in);
   if (cached) {
-    p.flat = p.flat.clamp(0, s.out * s.in - 1);  // see ValidatedIndices
+    p.flat = std::get<0>(at::cummax(p.flat.clamp(0, s.out * s.in - 1), 0));  // ValidatedIndices
   } else if (s.nnz > 0) {
     const at::Tensor flags = at::stack({
         (p.flat.min() < 0).logical_or(p.flat.max() >= s.out * s.in),

@@ -85,12 +85,14 @@ def sparse_delta_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tens
     a ``ValueError`` otherwise), values ``[k]``, bias ``[out]`` or None.
 
     Gradients flow to x, values and bias. The values' gradient ``dvalues[t] = Σ_n dy[n, r_t]
-    x[n, c_t]`` is computed at the k entries only (below 7% density; past it the dense
-    ``dyᵀ x`` GEMM is faster and is used). The products with Δ use sparse kernels for small
-    token counts and, where ``N·(in+out) ≥ 2·out·in`` or the density is ≥ 5%, one temporary
-    ``W + Δ`` (out×in, rebuilt in backward, never saved), which costs less than a pass over the
-    activations there. Results are deterministic. float32, float64, float16, bfloat16 (float32
-    accumulation; the CPU converts half inputs to float32).
+    x[n, c_t]`` is computed at the k entries only below 7% density on the CPU and 2% on CUDA;
+    past that the dense ``dyᵀ x`` GEMM is faster and is used (on CUDA its float32 products follow
+    torch's TF32 setting). The products with Δ use sparse kernels for small token counts and,
+    where ``N·(in+out) ≥ 2·out·in`` or the density is ≥ 5%, one temporary ``W + Δ`` (out×in,
+    rebuilt in backward, never saved), which costs less than a pass over the activations there.
+    Results are deterministic. float32, float64, float16, bfloat16 (float32 accumulation; the CPU
+    converts half inputs to float32; on CUDA the temporary ``W + Δ`` is rounded to the input's
+    half type, as a merged weight would be, so a Δ below half an ulp of W leaves y unchanged).
     """
     check_tensors("sparse_delta_linear", dict(x=x, weight=weight, indices=indices, values=values),
                   dict(bias=bias))
