@@ -134,7 +134,7 @@ def test_batched_evaluation_alone(kind, norm, dtype):
 
 
 @pytest.mark.parametrize("dtype,huge", [(torch.float64, 1e300), (torch.float32, 1e30)])
-def test_batched_evaluation_squarings_are_per_matrix(dtype, huge):
+def test_batched_evaluation_squarings_are_per_matrix(device, dtype, huge):
     """A huge matrix (A^2 overflows: the powers are formed again from the scaled A; ~1000
     squarings in float64, ~100 in float32) beside an ordinary one in the batched path: the call
     ends, and both matrices keep their own squarings and accuracy, forward and Frechet (skipping
@@ -146,8 +146,8 @@ def test_batched_evaluation_squarings_are_per_matrix(dtype, huge):
                                make_matrix("random", 128, 10.0, seed=7)]), dtype=dtype)
     G = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     G = G.to(dtype)
-    E = pk.ops.expm(A)
-    L = torch.ops.peft_kernels.expm_bwd(A, G)
+    E = pk.ops.expm(A.to(device)).cpu()
+    L = torch.ops.peft_kernels.expm_bwd(A.to(device), G.to(device)).cpu()
     d = np.diag(A[0].double().numpy())
     di, dj = d[:, None], d[None, :]
     with np.errstate(invalid="ignore"):  # di == dj takes the first branch
@@ -159,6 +159,31 @@ def test_batched_evaluation_squarings_are_per_matrix(dtype, huge):
     assert rel1(E[1].double().numpy(), reference_expm(seen)) <= tol
     want = sl.expm_frechet(seen.T, G[1].double().numpy(), compute_expm=False)
     assert rel1(L[1].double().numpy(), want) <= tol
+
+
+@pytest.mark.parametrize("dtype,c", [(torch.float64, 0.4), (torch.float32, 1.48)])
+def test_batched_evaluation_mixed_degrees(device, dtype, c):
+    """The batched path (n = 128) with three matrices: c I needs degree 18 but no squaring
+    (theta_12 < c <= theta_18 / 2, where log2(c / theta_18) rounds up to -1: a negative count
+    once scaled it by 2), zero must give exactly exp(0) = I and L(0, G) = G, and a random one of
+    norm 10 takes squarings. exp(c I) = e^c I and L(c I, G) = e^c G in closed form."""
+    n = 128
+    A = torch.stack([c * torch.eye(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64),
+                     torch.tensor(make_matrix("random", n, 10.0, seed=9))]).to(dtype)
+    G = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    G = G.to(dtype)
+    E = pk.ops.expm(A.to(device)).cpu()
+    L = torch.ops.peft_kernels.expm_bwd(A.to(device), G.to(device)).cpu()
+    tol = expm_rtol(dtype, 10.0)
+    exp_c = np.exp(A[0, 0, 0].item())
+    assert rel1(E[0].double().numpy(), exp_c * np.eye(n)) <= tol
+    assert rel1(L[0].double().numpy(), exp_c * G[0].double().numpy()) <= tol
+    assert torch.equal(E[1], torch.eye(n, dtype=dtype))
+    assert torch.equal(L[1], G[1])
+    seen = A[2].double().numpy()
+    assert rel1(E[2].double().numpy(), reference_expm(seen)) <= tol
+    want = sl.expm_frechet(seen.T, G[2].double().numpy(), compute_expm=False)
+    assert rel1(L[2].double().numpy(), want) <= tol
 
 
 def test_gradient_matches_torch_matrix_exp():

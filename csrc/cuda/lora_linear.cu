@@ -94,7 +94,9 @@ void launch(const LoraDropoutParams& p, cudaStream_t stream) {
   }
 }
 
-// dst[i, 0:r] = rn(scale * src[i, :]), dst[i, r:2r] = rn(scale * src[i, :] - dst[i, 0:r]).
+// dst[i, 0:r] = rn(scale * src[i, :]), dst[i, r:2r] = rn(scale * src[i, :] - dst[i, 0:r]); the
+// low part is 0 where the high part overflowed, so the product keeps the unfused layer's +-Inf
+// rather than Inf - Inf = NaN.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lora_rank_pair_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t rows,
@@ -106,7 +108,8 @@ __global__ void __launch_bounds__(kThreads)
     const float v = scale * src[i];
     const T hi = Elem<T>::store(v);
     dst[row * 2 * r + k] = hi;
-    dst[row * 2 * r + r + k] = Elem<T>::store(v - Elem<T>::load(hi));
+    const float hi_value = Elem<T>::load(hi);
+    dst[row * 2 * r + r + k] = Elem<T>::store(isfinite(hi_value) ? v - hi_value : 0.0f);
   }
 }
 

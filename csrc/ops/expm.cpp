@@ -105,15 +105,24 @@ at::Tensor expm_batched(const at::Tensor& A_in, const c10::optional<at::Tensor>&
   ops.X[A] = X0.masked_fill(bad3, 0);
   if (frechet) ops.L[A] = grad_in->reshape({batch, n, n}).to(work).contiguous();
   const bool dbl = work == at::kDouble;
+  const at::Tensor norm_host = norm.cpu();
+  const auto nh = norm_host.accessor<double, 1>();
+  bool any_zero = false;
+  for (int64_t b = 0; b < batch; ++b) any_zero = any_zero || nh[b] == 0;
+  const at::Tensor direction = frechet ? ops.L[A] : at::Tensor();
   auto finish = [&](int result) {
-    const at::Tensor out = (frechet ? ops.L[result] : ops.X[result])
-                               .masked_fill(bad3, std::numeric_limits<double>::quiet_NaN());
+    at::Tensor out = (frechet ? ops.L[result] : ops.X[result])
+                         .masked_fill(bad3, std::numeric_limits<double>::quiet_NaN());
+    if (any_zero) {
+      // exp(0) = I and L(0, G) = G exactly, as the kernels give them: the shared degree's
+      // coefficients need not sum to exactly 1 (degree 12's give 1 - 2^-53 in float64).
+      const at::Tensor zero = (norm == 0).view({batch, 1, 1});
+      out = at::where(zero, frechet ? direction : at::eye(n, out.options()), out);
+    }
     return out.to(dtype).reshape(A_in.sizes()).contiguous();
   };
 
   // Degrees 1..8 when every matrix's norm allows one (the batch takes the highest of them).
-  const at::Tensor norm_host = norm.cpu();
-  const auto nh = norm_host.accessor<double, 1>();
   int low = 0;
   for (int64_t b = 0; b < batch && low >= 0; ++b) {
     if (!(nh[b] <= expm::kMaxFinite)) continue;  // evaluated as zero, any degree does
