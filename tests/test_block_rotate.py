@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import peft_kernels as pk
 from peft_kernels.ops.block_rotate import _block_outer
-from tolerances import assert_close
+from tolerances import TOLERANCES, assert_close
 
 
 def rotations(k, b, dtype=torch.float64, device="cpu", seed=0):
@@ -23,10 +23,11 @@ def rotate_ref(x, R, transpose):
 
 
 # On CUDA: compile-time block sizes (powers of 2 up to 64), runtime b <= 64 (3, 33, 48), and the
-# untiled kernels past 64.
+# untiled kernels past 64. float16 / bfloat16: the tiles staged by 8-element (16-byte) vectors
+# where k * b % 8 == 0 (b = 8, 16, 32, 48, 64), element by element otherwise.
 @pytest.mark.parametrize("b", [1, 2, 3, 4, 8, 16, 32, 33, 48, 64, 65])
 @pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_rotate_matches_reference(device, b, transpose, dtype):
     k = 5
     R = rotations(k, b, dtype, device)
@@ -36,9 +37,12 @@ def test_rotate_matches_reference(device, b, transpose, dtype):
     assert_close(y, rotate_ref(x.cpu(), R.cpu(), transpose), dtype, "y")
 
 
+# CUDA: rows = 1 and 70 take one row slice (the outer kernels store out themselves), rows = 5000
+# several (partial sums, then block_outer_reduce_kernel's stores: in half precision for the
+# float16 / bfloat16 cases).
 @pytest.mark.parametrize("b", [1, 3, 8, 32, 48, 64, 65])
 @pytest.mark.parametrize("rows", [0, 1, 70, 5000])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_outer_matches_reference(device, b, rows, dtype):
     k = 4
     a = torch.randn(rows, k * b, dtype=dtype, device=device)
@@ -48,6 +52,23 @@ def test_outer_matches_reference(device, b, rows, dtype):
     # a sum over `rows` products: scale the tolerance by the sum's magnitude, sqrt(rows)
     assert got.shape == (k, b, b)
     assert_close(got / max(rows, 1) ** 0.5, want / max(rows, 1) ** 0.5, dtype, "outer")
+
+
+# The rotate kernel's multi-stage row loop (CUDA): with k * b <= 64 there is one column tile, so
+# the grid has at most 2048 row groups; 196613 rows = 6145 tiles of 32 rows make each block stage
+# 4 tiles through its one shared buffer (the last block 1 tile, partial: 5 rows).
+@pytest.mark.parametrize("k, b, transpose", [
+    (1, 8, False),  # compile-time b = 8 (float16 / bfloat16: 8-element vector staging)
+    (2, 3, True),   # runtime b = 3, element-by-element staging (k * b = 6)
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_rotate_many_rows(device, k, b, transpose, dtype):
+    rows = 6145 * 32 - 27
+    R = rotations(k, b, dtype, device)
+    x = torch.randn(rows, k * b, dtype=dtype, device=device)
+    y = pk.ops.block_rotate(x, R, transpose=transpose)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert_close(y, rotate_ref(x.cpu(), R.cpu(), transpose), dtype, "y")
 
 
 def test_outer_is_deterministic():
@@ -81,20 +102,27 @@ def test_rotate_over_a_middle_dimension(device, memory_format, dim):
         assert torch.autograd.gradcheck(lambda x, R: pk.ops.block_rotate(x, R, dim=dim), (x, R))
 
 
-def test_gradcheck_rotate():
-    R = rotations(3, 4).requires_grad_()
-    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+# On CUDA the backward's kernels: rotate (dx) and outer (dR) for a compile-time (4) and a runtime
+# (3) block size.
+@pytest.mark.parametrize("b", [4, 3])
+def test_gradcheck_rotate(device, b):
+    R = rotations(3, b, device=device).requires_grad_()
+    x = torch.randn(5, 3 * b, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, R: pk.ops.block_rotate(x, R), (x, R))
     assert torch.autograd.gradcheck(lambda x, R: pk.ops.block_rotate(x, R, transpose=True), (x, R))
 
 
-def test_rotated_linear_matches_reference_and_gradcheck():
+# On CUDA: the weight folded by the rotate kernel (transpose), dR from the outer kernel over dx, x.
+def test_rotated_linear_matches_reference_and_gradcheck(device):
     torch.manual_seed(0)
     k, b, out = 4, 4, 6
-    params = torch.randn(k, b, b, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 3, k * b, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(out, k * b, dtype=torch.float64)
-    bias = torch.randn(out, dtype=torch.float64, requires_grad=True)
+    f64 = dict(dtype=torch.float64, device=device)
+    params = torch.randn(k, b, b, **f64).requires_grad_()
+    x = torch.randn(2, 3, k * b, **f64).requires_grad_()
+    w = torch.randn(out, k * b, **f64)
+    bias = torch.randn(out, **f64).requires_grad_()
+    # CUDA's expm and GEMMs sum in other orders than the CPU's: the float64 table there.
+    tol = dict(rtol=1e-12, atol=1e-12) if device == "cpu" else TOLERANCES[torch.float64]
 
     def kernel(x, params, bias):
         R = pk.ops.expm(params - params.mT)
@@ -105,12 +133,12 @@ def test_rotated_linear_matches_reference_and_gradcheck():
         return F.linear(x @ M.T, w, bias)
 
     y, yr = kernel(x, params, bias), reference(x, params, bias)
-    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, yr, **tol)
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, params, bias], dy)
     want = torch.autograd.grad(yr, [x, params, bias], dy)
     for g, w_ in zip(got, want):
-        torch.testing.assert_close(g, w_, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g, w_, rtol=1e-10, atol=tol["atol"])
     assert torch.autograd.gradcheck(kernel, (x, params, bias))
 
 

@@ -72,10 +72,56 @@ def test_matches_reference_shapes(device, dtype, bias, shape, p):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_cuda_half_types(dtype, act, p):
-    x, w, b, a, bb = make_inputs((4, 129), 200, 72, 16, dtype, "cuda")
+@pytest.mark.parametrize("in_f, p", [
+    (200, 0.0),  # no dropout: cuBLAS and the rank-pair operands only
+    (200, 0.1),  # lora_dropout_kernel's vector path, every 8-column group full
+    (204, 0.1),  # vector path, the last group half full (in % 8 == 4: its second Vec4 skipped)
+    (203, 0.1),  # scalar path (in % 4 != 0), the last group 3 columns
+])
+def test_cuda_half_types(dtype, act, in_f, p):
+    x, w, b, a, bb = make_inputs((4, 129), in_f, 72, 16, dtype, "cuda")
     check_against_reference(x, w, b, a, bb, scaling=0.5, p=p, act=act, dtype=dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_dropout_over_several_chunks_and_many_rows():
+    # for_dropped_chunks with two 64 MiB chunks: float32 x of 70000 x 252 (70.6 MB) splits into
+    # 66576 + 3424 rows (the second chunk's mask at row0 > 0), and both the first chunk and dx's
+    # in-place masking (70000 rows) run more than 65535 rows, so lora_dropout_kernel's grid.y loop
+    # takes a second lap; in % 8 == 4 also ends each row on a half-full vector group.
+    x, w, b, a, bb = make_inputs((70000,), 252, 16, 4, torch.float32, "cuda")
+    check_against_reference(x, w, b, a, bb, scaling=2.0, p=0.1, act=None, dtype=torch.float32)
+
+
+@pytest.mark.cuda
+def test_cuda_float16_rank_pair_overflow():
+    # lora_rank_pair_kernel where scaling * value overflows float16 (hi = +-Inf): the [hi, lo]
+    # operands of dB (a = s pre = 1e5) and of dA, dx (dpre = s dy B = 8e5) must give the unfused
+    # layer's +-Inf (lo = 0), never Inf - Inf = NaN. One row and r = 1, so every expected value is
+    # a single product: the float64 reference rounded to float16 is +-Inf (y, dx, dA, dB) or exact
+    # (dbias = dy).
+    signs = torch.tensor([1.0, -1.0] * 4, dtype=torch.float64)
+    x = signs[None, :]                                        # [1, 8]
+    a = 0.125 * signs[None, :]                                # pre = x A^T = 1
+    dy = signs[None, :4]                                      # [1, 4]
+    bb = 2.0 * dy.T                                           # g = dy B = 8
+    w = torch.full((4, 8), 0.01, dtype=torch.float64)         # dy W = 0: dx = s g A = +-1e5
+    b = torch.full((4,), 0.01, dtype=torch.float64)
+    scaling = 1e5
+    h = lambda t: t.to("cuda", torch.float16)
+    x_k, a_k, bb_k, b_k = (h(t).requires_grad_() for t in (x, a, bb, b))
+    y = pk.ops.lora_linear(x_k, h(w), a_k, bb_k, scaling=scaling, bias=b_k)
+    grads = torch.autograd.grad(y, [x_k, a_k, bb_k, b_k], h(dy))
+
+    xr, ar, br, bias_r = (t.clone().requires_grad_() for t in (x, a, bb, b))
+    yr = R.lora_linear(xr, w, ar, br, scaling=scaling, bias=bias_r)
+    grads_r = torch.autograd.grad(yr, [xr, ar, br, bias_r], dy)
+    for name, got, want in zip(["y", "dx", "dA", "dB", "dbias"], (y, *grads), (yr, *grads_r)):
+        want = want.detach().to(torch.float16)
+        if name != "dbias":
+            assert want.isinf().all(), name  # the case's premise: every value past 65504
+        assert got.dtype == torch.float16 and not got.isnan().any(), f"{name}: NaN {got}"
+        torch.testing.assert_close(got.detach().cpu(), want, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.cuda
