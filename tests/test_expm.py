@@ -119,14 +119,14 @@ def test_backward_matches_expm_frechet(kind, n, dtype):
 @pytest.mark.parametrize("kind", ["random", "nilpotent", "skew"])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_batched_evaluation_alone(kind, norm, dtype):
+def test_batched_evaluation_alone(device, kind, norm, dtype):
     """n >= 128 evaluates a batch through shared products at the degree its matrices need
     (1..8 from the norms alone, else 12 / 18 with squarings per matrix): a matrix alone takes
     each degree in turn, with its derivative alongside."""
     A = torch.tensor(make_matrix(kind, 128, norm, seed=4), dtype=dtype).unsqueeze(0)
     G = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    E = pk.ops.expm(A)
-    L = torch.ops.peft_kernels.expm_bwd(A, G.to(dtype))
+    E = pk.ops.expm(A.to(device)).cpu()
+    L = torch.ops.peft_kernels.expm_bwd(A.to(device), G.to(device, dtype)).cpu()
     seen = A[0].double().numpy()
     assert rel1(E[0].double().numpy(), reference_expm(seen)) <= expm_rtol(dtype, norm)
     want = sl.expm_frechet(seen.T, G[0].to(dtype).double().numpy(), compute_expm=False)
@@ -331,7 +331,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 3, 8, 17, 32, 64, 100, 256])
 def test_cuda_matches_scipy(dtype, n):
-    norms = [1e-3, 1.0, 10.0]
+    norms = NORMS[:-1]  # degrees 1, 2 or 4, 8, 12, 18 with squarings (1e3 overflows half types)
     A64 = torch.tensor(np.stack([make_matrix("random", n, v, seed=2) for v in norms]))
     A = A64.to("cuda", dtype).requires_grad_()
     G = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -347,3 +347,24 @@ def test_cuda_matches_scipy(dtype, n):
         assert rel1(E[i].detach().double().cpu().numpy(), want) <= rtol
         gwant = sl.expm_frechet(seen.T, G[i].to(dtype).double().numpy(), compute_expm=False)
         assert rel1(A.grad[i].double().cpu().numpy(), gwant) <= rtol
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_global_kernel_reuses_its_workspace(dtype):
+    """n = 100 runs the global-memory kernel, whose grid is capped at the resident blocks (~2 per
+    SM): a batch of 600 makes each block evaluate several matrices in the same workspace. Six
+    matrices repeated: every copy must equal its first copy bit for bit, and that one scipy."""
+    norms = [1e-3, 0.1, 1.0, 10.0, 0.5, 3.0]
+    base = torch.tensor(np.stack([make_matrix("random", 100, v, seed=11) for v in norms]))
+    G = torch.randn(base.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    A = base.repeat(100, 1, 1).to("cuda", dtype)
+    E = pk.ops.expm(A).cpu().view(100, 6, 100, 100)
+    L = torch.ops.peft_kernels.expm_bwd(A, G.repeat(100, 1, 1).to("cuda", dtype))
+    L = L.cpu().view(100, 6, 100, 100)
+    assert torch.equal(E, E[:1].expand_as(E)) and torch.equal(L, L[:1].expand_as(L))
+    for i, norm in enumerate(norms):
+        seen = base[i].to(dtype).double().numpy()
+        assert rel1(E[0, i].double().numpy(), sl.expm(seen)) <= expm_rtol(dtype, norm)
+        want = sl.expm_frechet(seen.T, G[i].to(dtype).double().numpy(), compute_expm=False)
+        assert rel1(L[0, i].double().numpy(), want) <= expm_rtol(dtype, norm)
