@@ -22,15 +22,42 @@ def make_inputs(lead, in_f, out_f, k, dtype, device, bias=True, index_dtype=torc
     return to(x), to(w), to(b), idx.to(device), to(v)
 
 
-def check(x, w, b, idx, v, dtype):
-    x_k = x.detach().clone().requires_grad_()
-    v_k = v.detach().clone().requires_grad_()
-    b_k = None if b is None else b.detach().clone().requires_grad_()
-    y = pk.ops.sparse_delta_linear(x_k, w, idx, v_k, bias=b_k)
-    assert y.dtype == dtype and y.shape == (*x.shape[:-1], w.shape[0])
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    wrt = [t for t in (x_k, v_k, b_k) if t is not None]
-    grads = torch.autograd.grad(y, wrt, dy.to(y.device, dtype))
+def at_offset(t, offset):
+    """A contiguous copy of t that starts `offset` elements into its storage: for offset 1 not
+    16-byte aligned (the host passes contiguous tensors on as they are, offset included)."""
+    buf = t.new_empty(t.numel() + offset)
+    return buf[offset:].view(t.shape).copy_(t)
+
+
+# ~25 ms on a GPU: what check runs on a side stream is queued behind this.
+SLEEP_CYCLES = 50_000_000
+
+
+def check(x, w, b, idx, v, dtype, offset=0, stream=None):
+    """The op's y and gradients against the float64 reference. offset: x and dy start that many
+    elements into their storage. stream: the op runs on this CUDA stream behind a GPU sleep, and
+    its inputs are copied there after the sleep, so a kernel launched on any other stream would
+    read them before they are written."""
+    dy = torch.randn((*x.shape[:-1], w.shape[0]), dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(1))
+    dy_dev = dy.to(x.device, dtype)  # host-synchronous: before the sleep
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # None: no-op
+        if stream is not None:
+            torch.cuda._sleep(SLEEP_CYCLES)
+        x_k = (at_offset(x.detach(), offset) if offset else x.detach().clone()).requires_grad_()
+        dy_k = at_offset(dy_dev, offset)
+        if offset:
+            assert x_k.data_ptr() % 16 != 0 and dy_k.data_ptr() % 16 != 0
+        v_k = v.detach().clone().requires_grad_()
+        b_k = None if b is None else b.detach().clone().requires_grad_()
+        y = pk.ops.sparse_delta_linear(x_k, w, idx, v_k, bias=b_k)
+        assert y.dtype == dtype and y.shape == dy.shape
+        wrt = [t for t in (x_k, v_k, b_k) if t is not None]
+        grads = torch.autograd.grad(y, wrt, dy_k)
+    if stream is not None:
+        torch.cuda.current_stream().wait_stream(stream)
     d = lambda t: None if t is None else t.detach().double().cpu().requires_grad_()
     xr, vr, br = d(x), d(v), d(b)
     yr = R.sparse_delta_linear(xr, w.double().cpu(), idx.cpu(), vr, br)
@@ -39,6 +66,10 @@ def check(x, w, b, idx, v, dtype):
     for name, got, want in zip(["dx", "dvalues", "dbias"], grads, grads_r):
         assert got.shape == want.shape and got.dtype == dtype
         assert_close(got, want, dtype, name)
+
+
+ALL_DTYPES = [torch.float64, torch.float32, pytest.param(torch.float16, marks=pytest.mark.cuda),
+              pytest.param(torch.bfloat16, marks=pytest.mark.cuda)]
 
 
 # 67 x 45 = 3015 weights: k = 1 (one entry), 3 (0.1%), 30 (1%), 301 (10%), 3015 (100%).
@@ -79,6 +110,15 @@ def test_non_contiguous_inputs(device):
     check(x_nc, w_nc, b, idx, v, torch.float64)
 
 
+# x and dy one element (2-8 bytes) into their storage: contiguous, so used in place, and with
+# in and out multiples of 8 only the alignment keeps the CUDA kernels from 16-byte vector loads:
+# scalar staging of x in the spmm, of dy in the transposed spmm, of both in the sddmm tile kernel
+# (one 256 x 256 tile, sparse products).
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_unaligned_inputs(device, dtype):
+    check(*make_inputs((64,), 256, 256, 600, dtype, device), dtype, offset=1)
+
+
 def test_empty_k_and_empty_batch(device):
     x, w, b, _, _ = make_inputs((9,), 45, 67, 1, torch.float64, device)
     idx = torch.empty(0, dtype=torch.int64, device=device)
@@ -110,14 +150,43 @@ def test_deterministic(device, lead, k):
 
 
 # Shapes whose sparse gradient spans several column windows, row groups, token slices and rounds
-# of the CUDA kernels (the other tests fit one tile), all below the dense-gradient density.
-BIG_PATTERNS = [((40,), 1700, 1500, 20000), ((70,), 520, 300, 600), ((1800,), 45, 67, 30)]
+# of the CUDA kernels (the other tests fit one tile), all below the dense-gradient density. The
+# branches named are those of an H200's plan (227 KiB of shared memory per block).
+BIG_PATTERNS = [
+    ((40,), 1700, 1500, 20000),  # sddmm tiles: 3 row groups x 3 column windows
+    ((70,), 520, 300, 600),  # one 304 x 520 tile; half x staged as vectors (in % 8 == 0)
+    ((1800,), 45, 67, 30),  # one tile, 6-7 token slices summed by the reduce kernel
+    ((1800,), 45, 67, 3),  # sddmm_direct_kernel with 6-7 token slices + reduce (3 entries)
+    # out % 8 == 0: half dy staged as vectors in the transposed spmm and in the sddmm (2 windows)
+    ((64,), 1024, 512, 3000),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("lead,in_f,out_f,k", BIG_PATTERNS)
 def test_matches_reference_over_many_tiles(device, dtype, lead, in_f, out_f, k):
     check(*make_inputs(lead, in_f, out_f, k, dtype, device, seed=5), dtype)
+
+
+# 9856 of 512 x 1024 weights (1.9%): 9600 in a 24 x 400 block of rows 8-31 (or a 400 x 24 block
+# of columns 3-26) and 256 in the last row. On an H200 the sddmm tiles are 424 x 760 (sized for
+# the average density), so the block's tile holds 9600 entries, more than a round's 8192: two
+# rounds, the second partial; the last row's tiles take one.
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("layout,lead", [
+    ("rows", (40,)),  # several rounds, one token slice
+    ("columns", (600,)),  # several rounds in each of 2 token slices (partial sums + reduce)
+])
+def test_entries_concentrated_in_one_tile(device, dtype, layout, lead):
+    out_f, in_f = 512, 1024
+    rows, cols = (torch.arange(8, 32), torch.arange(100, 500)) if layout == "rows" else (
+        torch.arange(400), torch.arange(3, 27))
+    idx = torch.cat([(rows[:, None] * in_f + cols).flatten(),
+                     (out_f - 1) * in_f + torch.arange(0, in_f, 4)])
+    x, w, b, _, _ = make_inputs(lead, in_f, out_f, 1, dtype, device, seed=7)
+    g = torch.Generator().manual_seed(8)
+    v = torch.randn(idx.numel(), generator=g, dtype=torch.float64) / math.sqrt(in_f)
+    check(x, w, b, idx.to(device), v.to(device, dtype), dtype)
 
 
 # 18 x 20: (5,) k=4 takes every sparse kernel, (3, 4) k=40 the dense paths, (70,) k=8 the
@@ -141,7 +210,12 @@ def test_opcheck():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("lead,k", [((33,), 30), ((300,), 301)])
+@pytest.mark.parametrize("lead,k", [
+    ((33,), 30),  # sparse products, sddmm tile kernel
+    ((300,), 301),  # 10%: W + Delta products, dense gradient
+    ((33,), 1),  # sparse products, sddmm_direct_kernel (one slice)
+    ((200,), 3),  # W + Delta products, sddmm_direct_kernel (one slice)
+])
 def test_half_types_cuda(dtype, lead, k):
     check(*make_inputs(lead, 45, 67, k, dtype, "cuda"), dtype)
 
@@ -151,6 +225,20 @@ def test_half_types_cuda(dtype, lead, k):
 @pytest.mark.parametrize("lead,in_f,out_f,k", BIG_PATTERNS)
 def test_half_types_over_many_tiles_cuda(dtype, lead, in_f, out_f, k):
     check(*make_inputs(lead, in_f, out_f, k, dtype, "cuda", seed=5), dtype)
+
+
+# The op on a side stream (check: queued behind a GPU sleep, inputs written there after it).
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,in_f,out_f,k", [
+    ((600,), 1024, 1024, 3000),  # both spmm, sddmm tile kernel with 2 slices (workspace + reduce)
+    ((1800,), 45, 67, 3),  # W + Delta products, sddmm_direct_kernel with 6-7 slices + reduce
+])
+def test_current_stream_cuda(dtype, lead, in_f, out_f, k):
+    x, w, b, idx, v = make_inputs(lead, in_f, out_f, k, dtype, "cuda", seed=3)
+    # Validates idx now: its check (a device-to-host copy) would otherwise wait out the sleep.
+    pk.ops.sparse_delta_linear(x, w, idx, v, bias=b)
+    check(x, w, b, idx, v, dtype, stream=torch.cuda.Stream())
 
 
 def test_indices_revalidated_after_in_place_change(device):
