@@ -53,8 +53,15 @@ def compare(kernel, reference, tensors, frozen, dtype, dy_shape_of, names):
 @pytest.mark.parametrize("first_order", [False, True])
 # r = 40 and 70: the CUDA gradient kernel's register-resident (33 <= r <= 64) and general
 # (r > 64) dA paths. 1000 x 2100: the CPU gradient's row chunks span several L2-sized blocks.
+# 66000 x 40: several 32-row tiles per CUDA block. K = 40 is one column tile (128 columns, 64 in
+# float64), so grid y = min(row tiles, target blocks) with 2063 row tiles (the last one 16 rows):
+# generate (2048 blocks) walks a second tile in blocks 0..14, the partial one among them; grad
+# (1024 blocks) 2 or 3 tiles per block. r = 8: A's tile resident in both kernels; r = 40: A
+# restaged per rank chunk, and grad's dA partials in registers across the tiles; r = 70: grad's
+# dA flushed per tile, the last rank chunk 6 wide.
 @pytest.mark.parametrize("shape,r", [((1, 1), 1), ((7, 13), 3), ((33, 130), 8), ((6, 4, 3, 3), 5),
-                                     ((20, 70), 40), ((9, 33), 70), ((1000, 2100), 16)])
+                                     ((20, 70), 40), ((9, 33), 70), ((1000, 2100), 16),
+                                     ((66000, 40), 8), ((66000, 40), 40), ((66000, 40), 70)])
 def test_lie_weight_matches_reference(device, dtype, first_order, shape, r):
     g = torch.Generator().manual_seed(1)
     W = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
@@ -356,6 +363,19 @@ def test_cuda_half_types(dtype, first_order):
     compare(lambda *t: pk.ops.lie_conv2d(*t, padding=1, scaling=SCALE, first_order=first_order),
             lambda *t: R.lie_conv2d(*t, None, SCALE, first_order, padding=1),
             [xc, conv, Ac, Bc], {1}, dtype, None, ["dx", "dA", "dB"])
+    if dtype == torch.float32:
+        return  # float32 at the shape below: test_lie_weight_matches_reference
+    # The weight kernels over several row tiles per block (66000 x 40: 2063 row tiles on grids of
+    # 2048 x 1 and 1024 x 1 blocks, see test_lie_weight_matches_reference) with the half types'
+    # r > 32 gradient variants: dA partials in registers across the tiles (r = 40), dA flushed
+    # per tile (r = 70).
+    Wt = torch.randn(66000, 40, generator=g).to("cuda", dtype)
+    for r in (40, 70):
+        At, Bt = adapters(66000, 40, r, dtype, "cuda", seed=r)
+        compare(lambda W_, A_, B_: pk.ops.lie_weight(W_, A_, B_, scaling=SCALE,
+                                                     first_order=first_order),
+                lambda W_, A_, B_: R.lie_weight(W_, A_, B_, SCALE, first_order),
+                [Wt, At, Bt], {0}, dtype, None, ["dA", "dB"])
 
 
 @pytest.mark.cuda

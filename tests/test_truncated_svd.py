@@ -12,7 +12,7 @@ import peft_kernels as pk
 from peft_kernels import reference
 from peft_kernels._ext import C
 from peft_kernels.ops.truncated_svd import _resolve_method
-from tolerances import SVD_TOLERANCES
+from tolerances import SVD_TOLERANCES, TOLERANCES
 
 DTYPES = [torch.float64, torch.float32]
 EXACT = ["jacobi", "lapack"]
@@ -31,9 +31,18 @@ def random_matrix(shape, seed=0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def svd_tolerance(dtype) -> dict:
+    if dtype in SVD_TOLERANCES:
+        return SVD_TOLERANCES[dtype]
+    # float16 / bfloat16, computed in float32: the input and the outputs are rounded to the half
+    # type once each, which the one table's half bounds cover (O(1) values: S / S_max, U, V).
+    half = TOLERANCES[dtype]
+    return dict(values=half["rtol"], orthonormal=half["atol"], residual=half["atol"])
+
+
 def check_svd(A: torch.Tensor, U, S, Vh, k: int, dtype, values=True):
     """S against LAPACK, U and V orthonormal, A V = U S, relative to S_max."""
-    tol = SVD_TOLERANCES[dtype]
+    tol = svd_tolerance(dtype)
     A64 = A.detach().double().cpu()
     _, S_ref, _ = reference.truncated_svd(A64, k)
     U, S, Vh = U.double().cpu(), S.double().cpu(), Vh.double().cpu()
@@ -53,10 +62,13 @@ def check_svd(A: torch.Tensor, U, S, Vh, k: int, dtype, values=True):
 # ------------------------------------------------------------------------------------ jacobi
 
 
+# 130 x 100 and 260 x 257: Jacobi on R^T with n = 100 and 257 columns (on CUDA past auto's 64,
+# each warp rotating 6-7 and 16-17 pairs of a round, 257 odd: one column sits each round out).
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,k", [((5, 5), 5), ((40, 30), 30), ((40, 30), 7), ((30, 50), 12),
                                      ((64, 64), 64), ((1, 7), 1), ((7, 1), 1), ((3, 4, 20, 12), 5),
-                                     ((2, 97, 33), 33), ((33, 65), 33)])
+                                     ((2, 97, 33), 33), ((33, 65), 33), ((130, 100), 100),
+                                     ((260, 257), 20)])
 @pytest.mark.parametrize("method", EXACT)
 def test_exact_matches_numpy(device, dtype, shape, k, method):
     A = random_matrix(shape, seed=sum(shape) + k)
@@ -189,13 +201,18 @@ def test_empty_batch(device, method):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_lapack_half_inputs_in_float32(device, dtype):
+@pytest.mark.parametrize("method", ["lapack", "jacobi", "randomized"])
+def test_half_inputs_in_float32(device, dtype, method):
+    # The kernels take float32 / float64 only: half inputs are computed in float32 (on CUDA by
+    # the C++ op, on the CPU by the Python wrapper). The sketch (9 of 9 columns) spans the whole
+    # range, so "randomized" is exact here too.
     A = random_matrix((2, 12, 9), seed=6).to(device, dtype)
-    U, S, Vh = pk.ops.truncated_svd(A, 4, method="lapack")
-    U32, S32, Vh32 = pk.ops.truncated_svd(A.float(), 4, method="lapack")
+    U, S, Vh = pk.ops.truncated_svd(A, 4, method=method)
+    U32, S32, Vh32 = pk.ops.truncated_svd(A.float(), 4, method=method)
     assert U.dtype == S.dtype == Vh.dtype == dtype
     for half, full in ((U, U32), (S, S32), (Vh, Vh32)):
         assert torch.equal(half, full.to(dtype))
+    check_svd(A, U, S, Vh, 4, dtype)
 
 
 # -------------------------------------------------------------------------------- randomized
@@ -221,6 +238,19 @@ def test_randomized_decaying_spectrum(device, dtype, shape, k):
     orth_tol = SVD_TOLERANCES[dtype]["orthonormal"]
     assert (U.double().cpu().mT @ U.double().cpu() - eye).abs().max() <= orth_tol
     assert (Vh.double().cpu() @ Vh.double().cpu().mT - eye).abs().max() <= orth_tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,k,rank", [((40, 36), 4, 3), ((300, 200), 8, 5), ((150, 320), 8, 5)])
+def test_randomized_rank_deficient(device, dtype, shape, k, rank):
+    # rank < l = k + oversample: the sketch spans the whole range, so the result is exact (the
+    # zero singular values' vectors included), and from the (rank + 1)-th column on the range
+    # finder's vectors are dependent: each is replaced by the standard basis vector least
+    # represented in the ones before it, over the m = 40 (> 32: several warps' candidates) and
+    # m = 300, 320 (> 256: several rows per thread) rows of C Omega.
+    A = with_spectrum(*shape, [float(rank - i) for i in range(rank)], seed=rank)
+    U, S, Vh = pk.ops.truncated_svd(A.to(device, dtype), k, method="randomized")
+    check_svd(A.to(dtype), U, S, Vh, k, dtype)
 
 
 def test_randomized_flat_spectrum_bound(device):
@@ -298,15 +328,26 @@ def test_auto_takes_its_rule(monkeypatch, batch, method):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_orthonormalize_kernel(device, dtype):
+# m = 40 and 300: the replacement row's search spans several warps (m > 32) and, on CUDA, several
+# rows per thread (m > 256, the least represented one in a thread's second row).
+@pytest.mark.parametrize("m,free", [(30, 17), (40, 37), (300, 270)])
+def test_orthonormalize_kernel(device, dtype, m, free):
     g = torch.Generator().manual_seed(0)
-    Q = torch.randn(4, 6, 30, generator=g, dtype=torch.float64)
+    Q = torch.randn(5, 6, m, generator=g, dtype=torch.float64)
     Q[1, 3] = Q[1, 0] * 2 - Q[1, 1]  # dependent on the rows before it
     Q[2, 0] = 0.0  # zero
     Q[3, 2] = Q[3, 1]  # repeated
+    # Row 0 touches every coordinate but `free`, row 1 repeats it: the least represented basis
+    # vector is e_free (every other one holds 1 / (m - 1) of row 0), which replaces row 1 as is.
+    Q[4, 0] = 1.0
+    Q[4, 0, free] = 0.0
+    Q[4, 1] = Q[4, 0]
     out = C().svd_orthonormalize_rows(Q.to(device, dtype)).double().cpu()
     tol = SVD_TOLERANCES[dtype]["orthonormal"]
     assert (out @ out.mT - torch.eye(6, dtype=torch.float64)).abs().max() <= tol
+    represented = out[4, :1].square().sum(0)
+    assert int(represented.argmin()) == free
+    assert (out[4, 1] - torch.eye(m, dtype=torch.float64)[free]).abs().max() <= tol
     # Row j of an independent input lies in the span of input rows 0..j (Gram-Schmidt order).
     for j in range(6):
         basis = Q[0, : j + 1]
