@@ -98,21 +98,23 @@ at::Tensor expm_batched(const at::Tensor& A_in, const c10::optional<at::Tensor>&
   if (frechet) X0 = X0.mT();
   X0 = X0.contiguous();
   const at::Tensor norm = batched_norm1(X0);
-  const at::Tensor bad = norm.isfinite().logical_not();
-  const at::Tensor bad3 = bad.view({batch, 1, 1});
-  BatchedOps ops;
-  ops.frechet = frechet;
-  ops.X[A] = X0.masked_fill(bad3, 0);
-  if (frechet) ops.L[A] = grad_in->reshape({batch, n, n}).to(work).contiguous();
-  const bool dbl = work == at::kDouble;
   const at::Tensor norm_host = norm.cpu();
   const auto nh = norm_host.accessor<double, 1>();
-  bool any_zero = false;
-  for (int64_t b = 0; b < batch; ++b) any_zero = any_zero || nh[b] == 0;
+  bool any_bad = false, any_zero = false;
+  for (int64_t b = 0; b < batch; ++b) {
+    any_bad = any_bad || !(nh[b] <= expm::kMaxFinite);
+    any_zero = any_zero || nh[b] == 0;
+  }
+  const at::Tensor bad3 = norm.isfinite().logical_not().view({batch, 1, 1});
+  BatchedOps ops;  // its products and combinations make new tensors: slot A may alias the input
+  ops.frechet = frechet;
+  ops.X[A] = any_bad ? X0.masked_fill(bad3, 0) : X0;
+  if (frechet) ops.L[A] = grad_in->reshape({batch, n, n}).to(work).contiguous();
+  const bool dbl = work == at::kDouble;
   const at::Tensor direction = frechet ? ops.L[A] : at::Tensor();
   auto finish = [&](int result) {
-    at::Tensor out = (frechet ? ops.L[result] : ops.X[result])
-                         .masked_fill(bad3, std::numeric_limits<double>::quiet_NaN());
+    at::Tensor out = frechet ? ops.L[result] : ops.X[result];
+    if (any_bad) out = out.masked_fill(bad3, std::numeric_limits<double>::quiet_NaN());
     if (any_zero) {
       // exp(0) = I and L(0, G) = G exactly, as the kernels give them: the shared degree's
       // coefficients need not sum to exactly 1 (degree 12's give 1 - 2^-53 in float64).
@@ -135,7 +137,8 @@ at::Tensor expm_batched(const at::Tensor& A_in, const c10::optional<at::Tensor>&
   ops.product(A3, A, A2);
   // Each matrix's degree and squarings by the kernels' own rule; a non-finite matrix was zeroed.
   const at::Tensor norms =
-      at::stack({norm.masked_fill(bad, 0), batched_norm1(ops.X[A2]), batched_norm1(ops.X[A3])})
+      at::stack({norm.masked_fill(bad3.view({batch}), 0), batched_norm1(ops.X[A2]),
+                 batched_norm1(ops.X[A3])})
           .cpu();
   const auto nm = norms.accessor<double, 2>();
   std::vector<int64_t> squarings(batch);
