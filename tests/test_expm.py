@@ -368,3 +368,17 @@ def test_cuda_global_kernel_reuses_its_workspace(dtype):
         assert rel1(E[0, i].double().numpy(), sl.expm(seen)) <= expm_rtol(dtype, norm)
         want = sl.expm_frechet(seen.T, G[i].to(dtype).double().numpy(), compute_expm=False)
         assert rel1(L[0, i].double().numpy(), want) <= expm_rtol(dtype, norm)
+
+
+@pytest.mark.parametrize("n", [8, 130])  # a per-matrix kernel; the batched path
+def test_inputs_are_never_modified(device, n):
+    """The batched path evaluates from the caller's own buffers (A and G are never copied when
+    contiguous in the working dtype): no step may write them."""
+    A = torch.tensor(np.stack([make_matrix("random", n, v, seed=13) for v in (0.1, 10.0)]))
+    A = A.to(device)
+    G = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    G = G.to(device)
+    A_before, G_before = A.clone(), G.clone()
+    pk.ops.expm(A)
+    torch.ops.peft_kernels.expm_bwd(A, G)
+    assert torch.equal(A, A_before) and torch.equal(G, G_before)
