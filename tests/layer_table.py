@@ -1,6 +1,7 @@
 """One instance of every adapter layer of the package, for the tests that run each through the
-same checks (test_cpu_half.py, test_integration.py): name -> (factory, input maker). The
-factories build float32 layers on fresh float32 bases; the input makers take a dtype."""
+same checks (test_cpu_half.py, test_layers_cuda.py, test_integration.py): name -> (factory, input
+maker). The factories build float32 layers on fresh float32 bases; the input makers take a
+dtype."""
 import torch
 from torch import nn
 
@@ -14,6 +15,17 @@ def randomise_trainable(module, seed=0, std=0.3):
         for p in module.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+
+
+def forward_backward(layer, x, dy):
+    """The layer's output, the input's gradient and the trainable parameters' gradients for
+    the output gradient dy (the dropout seed fixed: the same mask on every call)."""
+    x = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    y = layer(x)
+    y.backward(dy.to(y.dtype))
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+    return y, x.grad, grads
 
 
 def linear_input(dtype):

@@ -10,19 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import peft_kernels as pk
-from layer_table import LAYERS, randomise_trainable
+from layer_table import LAYERS, forward_backward, randomise_trainable
 from tolerances import assert_close
 
 HALF_TYPES = [torch.float16, torch.bfloat16]
-
-
-def forward_backward(layer, x, dy):
-    x = x.clone().requires_grad_()
-    torch.manual_seed(5)  # the dropout seed: the same mask in every dtype
-    y = layer(x)
-    y.backward(dy.to(y.dtype))
-    grads = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
-    return y, x.grad, grads
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
