@@ -254,8 +254,8 @@ def ce_loss(model, batch):
     return nn.functional.cross_entropy(model(x), y)
 
 
-def test_node_scorer_matches_reference():
-    model = SmallNet()
+def test_node_scorer_matches_reference(device):
+    model = SmallNet().to(device)
     scorer = NodeScorer(model)
     assert scorer.node_table[:6] == (("inp", 0), ("inp", 1), ("inp", 2), ("inp", 3), ("inp", 4),
                                      ("mid", 0))
@@ -266,7 +266,7 @@ def test_node_scorer_matches_reference():
     expected = []
     for batch in make_batches(4):
         model.zero_grad()
-        ce_loss(model, batch).backward()
+        ce_loss(model, tuple(t.to(device) for t in batch)).backward()
         scorer.step()
         row = []
         for name, ps in params.items():
@@ -284,7 +284,7 @@ def test_node_scorer_matches_reference():
         expected.append(torch.stack(row))
     samples = scorer.samples()
     assert samples.shape == (4, 14) and samples.dtype == torch.float64
-    torch.testing.assert_close(samples, torch.stack(expected), rtol=1e-12, atol=0)
+    torch.testing.assert_close(samples.cpu(), torch.stack(expected).cpu(), rtol=1e-12, atol=0)
     assert (samples[1:] > 0).all()
 
 

@@ -38,9 +38,9 @@ def ce_loss(model, batch):
     return nn.functional.cross_entropy(model(x), y)
 
 
-def test_sensitivity_matches_autograd_reference():
-    model = tiny_mlp().eval()  # eval: dropout off, so the reference sees the same function
-    batches = make_batches(3)
+def test_sensitivity_matches_autograd_reference(device):
+    model = tiny_mlp().eval().to(device)  # eval: dropout off, so the reference sees the same function
+    batches = [tuple(t.to(device) for t in batch) for batch in make_batches(3)]
     scores = sensitivity(model, batches, ce_loss, progress=False)
     # Default targets: every Linear but the last one (the head).
     assert list(scores) == ["0", "3"]
@@ -53,7 +53,7 @@ def test_sensitivity_matches_autograd_reference():
             e += g.square()
     for name, e in zip(["0", "3"], expected):
         assert scores[name].shape == e.shape
-        assert scores[name].dtype == torch.float64
+        assert scores[name].dtype == torch.float64 and scores[name].device == e.device
         torch.testing.assert_close(scores[name], e, rtol=1e-12, atol=1e-15)
         assert e.abs().max() > 1e-6  # the comparison is not between zeros
 
