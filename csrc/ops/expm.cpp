@@ -105,7 +105,9 @@ at::Tensor expm_batched(const at::Tensor& A_in, const c10::optional<at::Tensor>&
     any_bad = any_bad || !(nh[b] <= expm::kMaxFinite);
     any_zero = any_zero || nh[b] == 0;
   }
-  const at::Tensor bad3 = norm.isfinite().logical_not().view({batch, 1, 1});
+  // The matrices to evaluate as zero and return as NaN; no mask work when every one is finite.
+  const at::Tensor bad3 =
+      any_bad ? norm.isfinite().logical_not().view({batch, 1, 1}) : at::Tensor();
   BatchedOps ops;  // its products and combinations make new tensors: slot A may alias the input
   ops.frechet = frechet;
   ops.X[A] = any_bad ? X0.masked_fill(bad3, 0) : X0;
@@ -137,8 +139,8 @@ at::Tensor expm_batched(const at::Tensor& A_in, const c10::optional<at::Tensor>&
   ops.product(A3, A, A2);
   // Each matrix's degree and squarings by the kernels' own rule; a non-finite matrix was zeroed.
   const at::Tensor norms =
-      at::stack({norm.masked_fill(bad3.view({batch}), 0), batched_norm1(ops.X[A2]),
-                 batched_norm1(ops.X[A3])})
+      at::stack({any_bad ? norm.masked_fill(bad3.view({batch}), 0) : norm,
+                 batched_norm1(ops.X[A2]), batched_norm1(ops.X[A3])})
           .cpu();
   const auto nm = norms.accessor<double, 2>();
   std::vector<int64_t> squarings(batch);

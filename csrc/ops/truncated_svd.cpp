@@ -32,7 +32,9 @@ at::Tensor jacobi(at::Tensor& X, at::Tensor* sweeps_out = nullptr) {
   TORCH_INTERNAL_ASSERT(X.is_contiguous(), "truncated_svd: the Jacobi kernel needs dense rows");
   const int64_t b = X.size(0), n = X.size(1), m = X.size(2);
   at::Tensor V = at::empty({b, n, n}, X.options());
-  at::Tensor sweeps = at::zeros({b}, X.options().dtype(at::kInt));  // n = 0 runs no kernel
+  // n = 0 runs no kernel: nothing to sweep.
+  at::Tensor sweeps = n == 0 ? at::zeros({b}, X.options().dtype(at::kInt))
+                             : at::empty({b}, X.options().dtype(at::kInt));
   const bool is_double = X.scalar_type() == at::kDouble;
   const double eps = is_double ? std::numeric_limits<double>::epsilon()
                                : std::numeric_limits<float>::epsilon();
